@@ -1,0 +1,1 @@
+"""machaon's embedded default configuration, shipped inside the package."""

@@ -1,0 +1,186 @@
+"""The `machaon` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .config import ConfigError, Settings, load_settings
+
+# sysexits.h EX_CONFIG: systemd units are told not to restart on it.
+EXIT_CONFIG = 78
+
+out = Console(highlight=False)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    """Errors go to stderr unwrapped, one line each, for logs and scripts."""
+    print(f"machaon: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        _setup_logging(settings)
+        return args.run(settings, args) or 0
+    except ConfigError as exc:
+        return _fail(f"configuration error: {exc}", EXIT_CONFIG)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE",
+                        help="TOML configuration (default: $MACHAON_CONFIG, else the embedded default)")
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="print JSON (format in README)")
+
+    parser = argparse.ArgumentParser(prog="machaon", description="DICOM AI batch processing node")
+    parser.add_argument("--version", action="version", version=f"machaon {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", parents=[common], help="receive studies and process them")
+    p.set_defaults(run=_serve)
+
+    db = sub.add_parser("db", help="job store maintenance").add_subparsers(required=True, metavar="ACTION")
+    p = db.add_parser("upgrade", parents=[common], help="create or migrate the job store's tables")
+    p.set_defaults(run=_db_upgrade)
+
+    studies = sub.add_parser("studies", help="studies received")
+    studies = studies.add_subparsers(required=True, metavar="ACTION")
+    p = studies.add_parser("list", parents=[common, json_flag], help="list studies, newest first")
+    p.add_argument("--status", choices=["receiving", "complete"])
+    p.add_argument("--limit", type=int, default=None, help="at most this many")
+    p.set_defaults(run=_studies_list)
+    p = studies.add_parser("show", parents=[common, json_flag], help="one study, its series and history")
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.set_defaults(run=_studies_show)
+
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (AET@HOST:PORT)")
+    p.add_argument("target", metavar="AET@HOST:PORT")
+    p.add_argument("--timeout", type=float, default=10, help="seconds (default 10)")
+    p.set_defaults(run=_echo)
+    return parser
+
+
+def _setup_logging(settings: Settings) -> None:
+    level = getattr(logging, settings.log.level)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    # Their INFO lines are per PDU and per scheduler tick; ours summarise them.
+    quiet = logging.DEBUG if level == logging.DEBUG else logging.WARNING
+    for noisy in ("pynetdicom", "apscheduler", "alembic"):
+        logging.getLogger(noisy).setLevel(quiet)
+
+
+def _serve(settings: Settings, _args) -> None:
+    from .serve import serve
+    serve(settings)
+
+
+def _db_upgrade(settings: Settings, _args) -> None:
+    import sqlalchemy.exc
+
+    from .store import make_engine, upgrade
+    engine = make_engine(settings.database.url)
+    try:
+        before, after = upgrade(engine)
+    except sqlalchemy.exc.OperationalError as exc:
+        raise settings.error("database.url", f"cannot use the database: {exc.orig}") from None
+    finally:
+        engine.dispose()
+    if before == after:
+        out.print(f"job store is up to date (revision {after})")
+    else:
+        out.print(f"job store upgraded from {before or 'empty'} to revision {after}")
+
+
+def _studies_list(settings: Settings, args) -> None:
+    from .serve import open_store
+    from .store import list_studies
+    store = open_store(settings)
+    with store.session() as session:
+        rows = list_studies(session, status=args.status, limit=args.limit)
+    store.dispose()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("Study Instance UID", "Patient ID", "Date", "Series", "Images", "Status",
+                  "Last received (UTC)", box=None)
+    for r in rows:
+        status = r["status"] + (f" ({r['completion_count']}x)" if r["completion_count"] > 1 else "")
+        table.add_row(r["study_uid"], r["patient_id"] or "", r["study_date"] or "",
+                      str(r["series_count"]), str(r["instance_count"]), status,
+                      r["last_received_at"][:19].replace("T", " "))
+    out.print(table if rows else "no studies")
+
+
+def _studies_show(settings: Settings, args) -> int:
+    from .serve import open_store
+    from .store import show_study
+    store = open_store(settings)
+    with store.session() as session:
+        study = show_study(session, args.study_uid)
+    store.dispose()
+    if study is None:
+        return _fail(f"no study with Study Instance UID {args.study_uid} "
+                     "(`machaon studies list` shows the known ones)")
+    if args.json:
+        print(json.dumps(study, indent=2))
+        return 0
+    out.print(f"[bold]Study[/] {study['study_uid']}  [bold]{study['status']}[/]")
+    for key in ("patient_id", "patient_name", "accession_number", "study_date", "study_description",
+                "first_received_at", "last_received_at", "completed_at", "completion_count"):
+        out.print(f"  {key.replace('_', ' ')}: {study[key] if study[key] is not None else ''}")
+    series = Table("Series Instance UID", "Modality", "No.", "Description", "Images", "Status", box=None)
+    for s in study["series"]:
+        series.add_row(s["series_uid"], s["modality"] or "", str(s["series_number"] or ""),
+                       s["series_description"] or "", str(s["instance_count"]), s["status"])
+    out.print(series)
+    events = Table("When (UTC)", "Who", "What", "Detail", box=None)
+    for e in study["events"]:
+        events.add_row(e["at"][:23].replace("T", " "), e["actor"], e["action"],
+                       ", ".join(f"{k}={v}" for k, v in e["detail"].items()))
+    out.print(events)
+    return 0
+
+
+def _echo(settings: Settings, args) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    match = re.fullmatch(r"([^@]{1,16})@(.+):(\d{1,5})", args.target)
+    if not match:
+        return _fail(f"{args.target!r} is not AET@HOST:PORT (e.g. ORTHANC@pacs.local:4242)", 2)
+    aet, host, port = match.group(1), match.group(2), int(match.group(3))
+    ae = AE(ae_title=settings.dicom.ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    start = time.monotonic()
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        why = "rejected the association" if assoc.is_rejected else (
+            "aborted the association" if assoc.is_aborted else "could not be reached")
+        return _fail(f"{aet}@{host}:{port} {why}")
+    status = assoc.send_c_echo()
+    assoc.release()
+    ms = (time.monotonic() - start) * 1000
+    if status and status.Status == 0:
+        out.print(f"C-ECHO {settings.dicom.ae_title} -> {aet}@{host}:{port}: success ({ms:.0f} ms)")
+        return 0
+    return _fail(f"C-ECHO to {aet}@{host}:{port} failed: "
+                 f"{'no response' if not status else f'status 0x{status.Status:04X}'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

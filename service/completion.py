@@ -1,0 +1,88 @@
+"""When is a study complete? When nothing has arrived for it for a while.
+
+DICOM has no "end of study" message, so a series and its study are complete
+once they have been quiet for `complete_after` seconds. An instance arriving
+later reopens them (store.record_instance) and they complete again. A study
+that never goes quiet is completed after `force_complete_after` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from .config import CompletionSettings
+from .store import COMPLETE, RECEIVING, Instance, Series, Store, Study, add_event, utcnow
+
+log = logging.getLogger("machaon.completion")
+
+
+@dataclass(frozen=True)
+class Completed:
+    study_uid: str
+    series_count: int
+    instance_count: int
+    forced: bool
+    completion_count: int
+
+
+def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: float,
+                           actor: str = "scheduler") -> list[Completed]:
+    """Complete series and studies that received nothing for `quiet_s` seconds,
+    and studies that have been receiving for `force_after_s` seconds (caller commits)."""
+    now = utcnow()
+    quiet_since = now - timedelta(seconds=quiet_s)
+    session.execute(
+        update(Series).where(Series.status == RECEIVING, Series.last_received_at <= quiet_since)
+        .values(status=COMPLETE, completed_at=now)
+    )
+    # SKIP LOCKED: a study whose row an ingest holds is not quiet anyway.
+    due = session.execute(
+        select(Study).where(
+            Study.status == RECEIVING,
+            (Study.last_received_at <= quiet_since)
+            | (Study.opened_at <= now - timedelta(seconds=force_after_s)),
+        ).with_for_update(skip_locked=True)
+    ).scalars().all()
+    done = []
+    for study in due:
+        forced = study.last_received_at > quiet_since
+        study.status, study.completed_at = COMPLETE, now
+        study.completion_count += 1
+        if forced:
+            session.execute(update(Series).where(Series.study_id == study.id, Series.status == RECEIVING)
+                            .values(status=COMPLETE, completed_at=now))
+        series_count, instance_count = _counts(session, study.id)
+        add_event(session, actor, "study.force_completed" if forced else "study.completed",
+                  study.study_uid, series=series_count, instances=instance_count,
+                  completion_count=study.completion_count)
+        done.append(Completed(study.study_uid, series_count, instance_count, forced,
+                              study.completion_count))
+    return done
+
+
+def _counts(session: Session, study_id: int) -> tuple[int, int]:
+    row = session.execute(
+        select(func.count(func.distinct(Series.id)), func.count(Instance.id))
+        .select_from(Series).outerjoin(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id)
+    ).one()
+    return row[0], row[1]
+
+
+def run_completion(store: Store, settings: CompletionSettings) -> list[Completed]:
+    """One pass of the scheduler's completion job, with a log line per study."""
+    with store.session.begin() as session:
+        done = complete_quiet_studies(session, settings.complete_after,
+                                      settings.force_complete_after)
+    for c in done:
+        how = (f"force-completed after {settings.force_complete_after:.0f} s of receiving"
+               if c.forced else f"complete after {settings.complete_after:g} s quiet")
+        again = f" (completion {c.completion_count})" if c.completion_count > 1 else ""
+        log.info("study %s %s: %d series, %d instances%s", c.study_uid, how,
+                 c.series_count, c.instance_count, again)
+    return done

@@ -1,0 +1,166 @@
+"""Typed settings from a TOML file, overridable by MACHAON_* environment variables.
+
+Every mistake becomes one ConfigError whose message names the key and where
+the value came from (the file, or the environment variable), so an operator
+can fix it without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "MACHAON_"
+# Variables with the prefix that are not settings.
+ENV_NOT_SETTINGS = {"MACHAON_CONFIG"}
+
+
+class ConfigError(Exception):
+    """A configuration mistake that stops start-up; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _check_ae_title(value: str) -> str:
+    if not 1 <= len(value.strip()) <= 16 or "\\" in value or not value.isascii():
+        raise ValueError("an AE title is 1 to 16 ASCII characters, without backslash")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class DicomSettings(_Section):
+    ae_title: AETitle = "MACHAON"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[AETitle] = []
+    max_associations: int = Field(10, ge=1)
+    max_pdu_size: int = Field(262144, ge=0)
+    network_timeout: float = Field(60, gt=0)
+    shutdown_grace: float = Field(30, ge=0)
+
+
+class SpoolSettings(_Section):
+    path: Path = Path("var/spool")
+    min_free_mb: int = Field(1024, ge=0)
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/machaon.db"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgresql(\+psycopg)?)://", value):
+            raise ValueError(
+                "use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB"
+            )
+        return value
+
+
+class CompletionSettings(_Section):
+    complete_after: float = Field(5, gt=0)
+    force_complete_after: float = Field(3600, gt=0)
+    check_every: float = Field(1, gt=0)
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Section):
+    dicom: DicomSettings = DicomSettings()
+    spool: SpoolSettings = SpoolSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    completion: CompletionSettings = CompletionSettings()
+    log: LogSettings = LogSettings()
+
+    # Where each key's value came from ("dicom.port" -> "/etc/machaon.toml"),
+    # for error messages raised after validation (port in use, ...).
+    sources: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, "the built-in default")
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        """A ConfigError about `key` (e.g. "dicom.port"), naming where it was set."""
+        return ConfigError(f"{key} (set in {self.source_of(key)}): {problem}")
+
+
+def embedded_config_path() -> Path:
+    return Path(str(resources.files("machaon.defaults") / "machaon.toml"))
+
+
+def load_settings(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read `path` (default: $MACHAON_CONFIG, else the embedded default), apply
+    MACHAON_<SECTION>_<KEY> overrides, and validate."""
+    environ = dict(os.environ if environ is None else environ)
+    path = Path(path or environ.get("MACHAON_CONFIG") or embedded_config_path())
+    data = _read_toml(path)
+    sources = {f"{section}.{key}": str(path)
+               for section, values in data.items() if isinstance(values, dict)
+               for key in values}
+    for var, raw in sorted(environ.items()):
+        if var.startswith(ENV_PREFIX) and var not in ENV_NOT_SETTINGS:
+            section, key = _env_key(var, path)
+            data.setdefault(section, {})[key] = _env_value(raw)
+            sources[f"{section}.{key}"] = f"environment variable {var}"
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources, path)) from None
+    settings.sources = sources
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+
+
+def _env_key(var: str, path: Path) -> tuple[str, str]:
+    """MACHAON_DICOM_MAX_ASSOCIATIONS -> ("dicom", "max_associations")."""
+    section, _, key = var[len(ENV_PREFIX):].lower().partition("_")
+    sections = Settings.model_fields.keys() - {"sources"}
+    if section not in sections or not key:
+        raise ConfigError(
+            f"environment variable {var} is not a setting: use MACHAON_<SECTION>_<KEY> "
+            f"with a section among {', '.join(sorted(sections))} (as in {path})"
+        )
+    return section, key
+
+
+def _env_value(raw: str) -> Any:
+    """Numbers, booleans and lists are written in TOML syntax; anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _describe(exc: ValidationError, sources: dict[str, str], path: Path) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        top = ".".join(str(part) for part in err["loc"][:2])
+        where = sources.get(top, str(path))
+        problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
+        lines.append(f"{key} (set in {where}): {problem}{got}")
+    return "; ".join(lines)

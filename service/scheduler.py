@@ -1,0 +1,30 @@
+"""APScheduler wiring: the periodic jobs `machaon serve` runs in the background."""
+
+from __future__ import annotations
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from .completion import run_completion
+from .config import Settings
+from .spool import Spool
+from .store import Store
+
+# A transfer still being written touches its file with every PDU; one untouched
+# for this long was dropped by its sender.
+STALE_TRANSFER_S = 3600
+
+
+def build_scheduler(settings: Settings, store: Store, spool: Spool) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(
+        timezone="UTC",
+        # One run at a time per job; a run missed while busy is skipped, not
+        # queued. A job that raises is logged by APScheduler and runs again.
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+    )
+    scheduler.add_job(run_completion, "interval", id="completion",
+                      seconds=settings.completion.check_every,
+                      args=[store, settings.completion])
+    scheduler.add_job(spool.sweep_incoming, "interval", id="sweep-incoming",
+                      seconds=STALE_TRANSFER_S, args=[STALE_TRANSFER_S])
+    return scheduler
+

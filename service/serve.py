@@ -1,0 +1,97 @@
+"""`machaon serve`: the DICOM listener and the scheduler in one process.
+
+Start-up checks everything an operator can get wrong (spool, database, port)
+and stops with one message naming the setting, before accepting anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import threading
+
+import sqlalchemy.exc
+
+from .config import ConfigError, Settings
+from .scheduler import build_scheduler
+from .scp import StorageSCP
+from .spool import Spool, SpoolError
+from .store import SchemaError, Store, check_schema
+
+log = logging.getLogger("machaon.serve")
+
+
+def open_store(settings: Settings) -> Store:
+    """Connect to the job store and check its schema is current."""
+    store = Store(settings.database.url)
+    try:
+        check_schema(store.engine)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        store.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise settings.error("database.url", f"cannot use the database: {reason}") from None
+    except SchemaError as exc:
+        store.dispose()
+        raise settings.error("database.url", str(exc)) from None
+    return store
+
+
+def open_spool(settings: Settings) -> Spool:
+    spool = Spool(settings.spool.path, settings.spool.min_free_mb)
+    try:
+        spool.prepare()
+    except SpoolError as exc:
+        raise settings.error("spool.path", str(exc)) from None
+    return spool
+
+
+def start_listener(settings: Settings, store: Store, spool: Spool) -> StorageSCP:
+    scp = StorageSCP(settings, store, spool)
+    try:
+        scp.start()
+    except OSError as exc:
+        where = f"{settings.dicom.host}:{settings.dicom.port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise settings.error("dicom.port", f"{where} is already in use by another program") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise settings.error("dicom.port", f"not allowed to listen on {where} "
+                                 "(ports below 1024 need CAP_NET_BIND_SERVICE)") from None
+        raise settings.error("dicom.host", f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return scp
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM or Ctrl-C; a second Ctrl-C aborts transfers in flight."""
+    spool = open_spool(settings)
+    store = open_store(settings)
+    try:
+        spool.sweep_incoming()  # whatever is there was never acknowledged
+        scp = start_listener(settings, store, spool)
+    except ConfigError:
+        store.dispose()
+        raise
+    scheduler = build_scheduler(settings, store, spool)
+    scheduler.start()
+
+    stopping, hurry = threading.Event(), threading.Event()
+
+    def on_signal(signum, _frame):
+        if stopping.is_set():
+            hurry.set()
+            return
+        log.info("%s: stopping; letting transfers in flight finish (up to %.0f s)",
+                 signal.Signals(signum).name, settings.dicom.shutdown_grace)
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stopping.wait(1):
+            pass
+        scp.stop(settings.dicom.shutdown_grace, hurry)
+        scheduler.shutdown(wait=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        store.dispose()
+    log.info("stopped")

@@ -1,0 +1,129 @@
+"""The spool: where received instances live, and how they get there durably.
+
+Layout under the spool folder:
+    incoming/                          transfers in progress (temporary names)
+    studies/<study>/<series>/<sop>.dcm  kept instances, each as received
+
+A file appears under studies/ only whole: it is written under incoming/,
+fsync'd, renamed into place (atomic on one file system) and its folder fsync'd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger("machaon.spool")
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class SpoolError(Exception):
+    pass
+
+
+def valid_uid(value: object) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (also keeps paths safe)."""
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
+
+
+class Spool:
+    def __init__(self, root: Path, min_free_mb: int = 0):
+        self.root = Path(root).absolute()
+        self.incoming = self.root / "incoming"
+        self.studies = self.root / "studies"
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+
+    def prepare(self) -> None:
+        """Create the folders and prove we can write durably there."""
+        try:
+            for folder in (self.root, self.incoming, self.studies):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = self.incoming / f".probe-{os.getpid()}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"machaon")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            raise SpoolError(f"{self.root} is not writable: {exc.strerror or exc}") from None
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def has_room(self) -> bool:
+        return self.free_bytes() >= self.min_free_bytes
+
+    @staticmethod
+    def relative_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        return f"studies/{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def keep(self, temporary: Path, relative: str) -> int:
+        """Durably move a fully received file to its final name; returns its size.
+        An older copy under the same name is replaced atomically."""
+        final = self.root / relative
+        _make_dirs_durably(final.parent)
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        os.replace(temporary, final)
+        _fsync_dir(final.parent)
+        return size
+
+    def remove(self, relative: str) -> None:
+        try:
+            (self.root / relative).unlink()
+        except FileNotFoundError:
+            pass
+
+    def sweep_incoming(self, older_than_s: float = 0) -> int:
+        """Delete transfers that never finished (a sender that dropped the
+        association, or a crash). Nothing under incoming/ was acknowledged."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in self.incoming.iterdir():
+            try:
+                if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("removed %d unfinished transfer(s) from %s", removed, self.incoming)
+        return removed
+
+
+def _make_dirs_durably(folder: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry list changed."""
+    if folder.is_dir():
+        return
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            continue  # another association made it at the same moment
+        _fsync_dir(new.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

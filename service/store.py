@@ -1,0 +1,420 @@
+"""The job store: what was received, what is complete, what was done, by whom.
+
+SQLAlchemy 2 ORM over SQLite (WAL) or PostgreSQL. Every state change is one
+transaction (DESIGN rule 2). The schema is owned by the Alembic migrations in
+machaon/migrations; `machaon db upgrade` applies them and start-up checks them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+RECEIVING = "receiving"
+COMPLETE = "complete"
+
+
+def utcnow() -> datetime:
+    """Naive UTC: SQLite keeps no time zone, so neither backend gets one."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    # When the study last went to "receiving" (first image, or reopened).
+    opened_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # How many times the study was completed: 2 means it was reopened once.
+    completion_count: Mapped[int] = mapped_column(Integer, default=0)
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(order_by="Instance.id")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    # Relative to the spool folder.
+    path: Mapped[str] = mapped_column(String(300))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    # The same SOP Instance UID received again replaces the file and counts here.
+    receive_count: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Result(Base):
+    __tablename__ = "results"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Event(Base):
+    """The audit trail: who did what, when."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+# --- engine and schema ---------------------------------------------------------
+
+class SchemaError(Exception):
+    """The database schema is missing or older than this version of machaon."""
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite:"):
+        path = url.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_on_connect(dbapi_conn, _record) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (see _sqlite_on_begin).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before it returns, which a C-STORE success promises.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_on_begin(conn) -> None:
+    # IMMEDIATE takes the write lock up front, so two writers wait for each other
+    # (busy_timeout) instead of one failing when it upgrades a read lock.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _alembic_config(engine: Engine) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", "machaon:migrations")
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Apply the migrations; returns (revision before, revision after)."""
+    before = current_revision(engine)
+    command.upgrade(_alembic_config(engine), "head")
+    return before, head_revision()
+
+
+def head_revision() -> str:
+    script = ScriptDirectory.from_config(_alembic_config(None))  # type: ignore[arg-type]
+    return script.get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def check_schema(engine: Engine) -> None:
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        state = "has no machaon tables" if current is None else f"is at revision {current}, not {head}"
+        raise SchemaError(f"the database {state}: run `machaon db upgrade`")
+
+
+class Store:
+    """An engine and its session factory: what the service threads share."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def add_event(db: Session | Connection, actor: str, action: str, study_uid: str | None = None,
+              **detail) -> None:
+    db.execute(insert(Event).values(
+        at=utcnow(), actor=actor, action=action, study_uid=study_uid,
+        detail=json.dumps(detail, default=str) if detail else None))
+
+
+# --- ingest ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the SCP read from a received instance's header."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    calling_ae: str
+    patient_id: str | None = None
+    patient_name: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    replaced_path: str | None  # the earlier copy's path, when it was elsewhere
+    replaced: bool
+    study_reopened: bool
+    study_created: bool
+
+
+def _insert(dialect: str, table):
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+@functools.cache
+def _ingest_statements(dialect: str) -> SimpleNamespace:
+    """Built once per dialect: ingest runs these for every instance."""
+    def keep(column):  # a new non-empty value wins, else the one we had
+        return func.coalesce(bindparam(f"new_{column.key}"), column)
+
+    return SimpleNamespace(
+        new_study=_insert(dialect, Study).on_conflict_do_nothing(index_elements=["study_uid"]),
+        touch_study=update(Study).where(Study.study_uid == bindparam("uid")).values(
+            last_received_at=bindparam("now"),
+            **{c.key: keep(c) for c in (Study.patient_id, Study.patient_name, Study.accession_number,
+                                        Study.study_date, Study.study_description)},
+        ).returning(Study.id, Study.status, Study.completion_count),
+        reopen_study=update(Study).where(Study.id == bindparam("id")).values(
+            status=RECEIVING, opened_at=bindparam("now"), completed_at=None),
+        new_series=_insert(dialect, Series).on_conflict_do_nothing(index_elements=["series_uid"]),
+        touch_series=update(Series).where(Series.series_uid == bindparam("uid")).values(
+            status=RECEIVING, completed_at=None, last_received_at=bindparam("now"),
+            **{c.key: keep(c) for c in (Series.modality, Series.series_number,
+                                        Series.series_description)},
+        ).returning(Series.id),
+        instance_path=select(Instance.path).where(Instance.sop_instance_uid == bindparam("uid")),
+        upsert_instance=_upsert_instance(dialect),
+    )
+
+
+def _upsert_instance(dialect: str):
+    """The newer copy of a SOP Instance replaces the older one, counted once."""
+    stmt = _insert(dialect, Instance)
+    return stmt.on_conflict_do_update(
+        index_elements=["sop_instance_uid"],
+        set_={**{c: stmt.excluded[c] for c in _INSTANCE_UPDATED},
+              "receive_count": Instance.receive_count + 1},
+    )
+
+
+_INSTANCE_UPDATED = ("series_id", "sop_class_uid", "transfer_syntax_uid", "instance_number",
+                     "path", "size_bytes", "calling_ae", "received_at")
+
+
+def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Recorded:
+    """Record one received instance (caller commits). Creates or reopens its
+    study and series; a SOP Instance UID seen before is updated, not added."""
+    q = _ingest_statements(conn.dialect.name)
+    now = utcnow()
+    created = conn.execute(q.new_study, dict(
+        study_uid=inst.study_uid, status=RECEIVING, first_received_at=now, opened_at=now,
+        last_received_at=now, completion_count=0)).rowcount == 1
+    # The UPDATE locks the row (PostgreSQL) before we look at its status, so the
+    # completion job cannot close the study between our look and our write.
+    study_id, status, completions = conn.execute(q.touch_study, dict(
+        uid=inst.study_uid, now=now, new_patient_id=inst.patient_id,
+        new_patient_name=inst.patient_name, new_accession_number=inst.accession_number,
+        new_study_date=inst.study_date, new_study_description=inst.study_description)).one()
+    reopened = status == COMPLETE
+    if reopened:
+        conn.execute(q.reopen_study, dict(id=study_id, now=now))
+    conn.execute(q.new_series, dict(study_id=study_id, series_uid=inst.series_uid,
+                                    status=RECEIVING, first_received_at=now, last_received_at=now))
+    series_id = conn.execute(q.touch_series, dict(
+        uid=inst.series_uid, now=now, new_modality=inst.modality,
+        new_series_number=inst.series_number,
+        new_series_description=inst.series_description)).scalar_one()
+    previous = conn.execute(q.instance_path, dict(uid=inst.sop_instance_uid)).scalar_one_or_none()
+    conn.execute(q.upsert_instance, dict(
+        series_id=series_id, sop_instance_uid=inst.sop_instance_uid,
+        sop_class_uid=inst.sop_class_uid, transfer_syntax_uid=inst.transfer_syntax_uid,
+        instance_number=inst.instance_number, path=inst.path, size_bytes=inst.size_bytes,
+        calling_ae=inst.calling_ae, received_at=now, receive_count=1))
+    if created:
+        add_event(conn, actor, "study.received", inst.study_uid)
+    elif reopened:
+        add_event(conn, actor, "study.reopened", inst.study_uid, completion_count=completions)
+    return Recorded(
+        replaced_path=previous if previous not in (None, inst.path) else None,
+        replaced=previous is not None, study_reopened=reopened, study_created=created,
+    )
+
+
+# --- queries for operators ------------------------------------------------------------
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
+
+
+def _study_dict(study: Study, series_count: int, instance_count: int) -> dict:
+    return {
+        "study_uid": study.study_uid,
+        "patient_id": study.patient_id,
+        "patient_name": study.patient_name,
+        "accession_number": study.accession_number,
+        "study_date": study.study_date,
+        "study_description": study.study_description,
+        "status": study.status,
+        "series_count": series_count,
+        "instance_count": instance_count,
+        "first_received_at": _iso(study.first_received_at),
+        "last_received_at": _iso(study.last_received_at),
+        "completed_at": _iso(study.completed_at),
+        "completion_count": study.completion_count,
+    }
+
+
+def list_studies(session: Session, status: str | None = None, limit: int | None = None) -> list[dict]:
+    """Studies, most recently received first, with their series and instance counts."""
+    counts = (
+        select(Series.study_id, func.count(func.distinct(Series.id)).label("n_series"),
+               func.count(Instance.id).label("n_instances"))
+        .outerjoin(Instance, Instance.series_id == Series.id)
+        .group_by(Series.study_id).subquery()
+    )
+    query = (
+        select(Study, func.coalesce(counts.c.n_series, 0), func.coalesce(counts.c.n_instances, 0))
+        .outerjoin(counts, counts.c.study_id == Study.id)
+        .order_by(Study.last_received_at.desc(), Study.id.desc())
+    )
+    if status:
+        query = query.where(Study.status == status)
+    if limit:
+        query = query.limit(limit)
+    return [_study_dict(s, n_series, n_inst) for s, n_series, n_inst in session.execute(query)]
+
+
+def show_study(session: Session, study_uid: str) -> dict | None:
+    """One study with its series, instances and event history; None if unknown."""
+    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+    if study is None:
+        return None
+    series = []
+    for s in study.series:
+        series.append({
+            "series_uid": s.series_uid, "modality": s.modality, "series_number": s.series_number,
+            "series_description": s.series_description, "status": s.status,
+            "instance_count": len(s.instances),
+            "first_received_at": _iso(s.first_received_at), "last_received_at": _iso(s.last_received_at),
+            "completed_at": _iso(s.completed_at),
+            "instances": [{
+                "sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid,
+                "transfer_syntax_uid": i.transfer_syntax_uid, "instance_number": i.instance_number,
+                "path": i.path, "size_bytes": i.size_bytes, "calling_ae": i.calling_ae,
+                "received_at": _iso(i.received_at), "receive_count": i.receive_count,
+            } for i in s.instances],
+        })
+    events = session.execute(
+        select(Event).where(Event.study_uid == study_uid).order_by(Event.at, Event.id)
+    ).scalars()
+    result = _study_dict(study, len(series), sum(s["instance_count"] for s in series))
+    result["series"] = series
+    result["events"] = [{"at": _iso(e.at), "actor": e.actor, "action": e.action,
+                         "detail": json.loads(e.detail) if e.detail else {}} for e in events]
+    return result
