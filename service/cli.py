@@ -156,22 +156,29 @@ def _studies_show(settings: Settings, args) -> int:
 
 
 def _echo(settings: Settings, args) -> int:
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification
 
     match = re.fullmatch(r"([^@]{1,16})@(.+):(\d{1,5})", args.target)
     if not match:
         return _fail(f"{args.target!r} is not AET@HOST:PORT (e.g. ORTHANC@pacs.local:4242)", 2)
     aet, host, port = match.group(1), match.group(2), int(match.group(3))
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # we say what went wrong
     ae = AE(ae_title=settings.dicom.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    connected = []  # tells "no network path" apart from "DICOM said no"
     start = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=aet)
+    assoc = ae.associate(host, port, ae_title=aet,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
     if not assoc.is_established:
-        why = "rejected the association" if assoc.is_rejected else (
-            "aborted the association" if assoc.is_aborted else "could not be reached")
-        return _fail(f"{aet}@{host}:{port} {why}")
+        if not connected:
+            return _fail(f"{aet}@{host}:{port} could not be reached (no TCP connection within "
+                         f"{args.timeout:g} s, or refused)")
+        if assoc.is_rejected:
+            return _fail(f"{aet}@{host}:{port} rejected the association: check that it knows the "
+                         f"calling AE title {settings.dicom.ae_title} and is called {aet}")
+        return _fail(f"{aet}@{host}:{port} aborted the association (is it a DICOM node?)")
     status = assoc.send_c_echo()
     assoc.release()
     ms = (time.monotonic() - start) * 1000

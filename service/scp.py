@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRBigEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
@@ -41,8 +40,14 @@ CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
 # Every transfer syntax pydicom knows, stored as received: nothing is decoded at
-# ingest. Explicit VR Big Endian (retired) is left out on purpose.
-TRANSFER_SYNTAXES = [ts for ts in AllTransferSyntaxes if ts != ExplicitVRBigEndian]
+# ingest. pynetdicom accepts the first of ours that the sender proposes, so the
+# compressed and deflated ones come first: a sender proposes them for data it
+# holds that way, and asking it to decode instead wastes space or fails (a
+# sender without the codec). Explicit VR Big Endian (retired) is left out.
+TRANSFER_SYNTAXES = sorted(
+    (ts for ts in AllTransferSyntaxes if ts != ExplicitVRBigEndian),
+    key=lambda ts: not (ts.is_compressed or ts.is_deflated),
+)
 
 _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
@@ -228,7 +233,7 @@ def _read_header(path: Path, request) -> Dataset:
         header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         for keyword in _HEADER_TAGS:  # values decode lazily; surface errors here
             getattr(header, keyword, None)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
+    except Exception as exc:  # untrusted bytes: whatever pydicom trips on is the sender's
         raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from None
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         value = header.get(keyword)

@@ -274,13 +274,14 @@ def _ingest_statements(dialect: str) -> SimpleNamespace:
         return func.coalesce(bindparam(f"new_{column.key}"), column)
 
     return SimpleNamespace(
-        new_study=_insert(dialect, Study).on_conflict_do_nothing(index_elements=["study_uid"]),
+        new_study=_insert(dialect, Study).on_conflict_do_nothing(index_elements=["study_uid"])
+        .returning(Study.id),
         touch_study=update(Study).where(Study.study_uid == bindparam("uid")).values(
             last_received_at=bindparam("now"),
             **{c.key: keep(c) for c in (Study.patient_id, Study.patient_name, Study.accession_number,
                                         Study.study_date, Study.study_description)},
         ).returning(Study.id, Study.status, Study.completion_count),
-        reopen_study=update(Study).where(Study.id == bindparam("id")).values(
+        reopen_study=update(Study).where(Study.id == bindparam("study_id")).values(
             status=RECEIVING, opened_at=bindparam("now"), completed_at=None),
         new_series=_insert(dialect, Series).on_conflict_do_nothing(index_elements=["series_uid"]),
         touch_series=update(Series).where(Series.series_uid == bindparam("uid")).values(
@@ -314,7 +315,7 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
     now = utcnow()
     created = conn.execute(q.new_study, dict(
         study_uid=inst.study_uid, status=RECEIVING, first_received_at=now, opened_at=now,
-        last_received_at=now, completion_count=0)).rowcount == 1
+        last_received_at=now, completion_count=0)).first() is not None
     # The UPDATE locks the row (PostgreSQL) before we look at its status, so the
     # completion job cannot close the study between our look and our write.
     study_id, status, completions = conn.execute(q.touch_study, dict(
@@ -323,7 +324,7 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
         new_study_date=inst.study_date, new_study_description=inst.study_description)).one()
     reopened = status == COMPLETE
     if reopened:
-        conn.execute(q.reopen_study, dict(id=study_id, now=now))
+        conn.execute(q.reopen_study, dict(study_id=study_id, now=now))
     conn.execute(q.new_series, dict(study_id=study_id, series_uid=inst.series_uid,
                                     status=RECEIVING, first_received_at=now, last_received_at=now))
     series_id = conn.execute(q.touch_series, dict(

@@ -1,0 +1,197 @@
+"""Shared fixtures: a PostgreSQL database per run, and `machaon serve` as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+MACHAON = str(Path(sys.executable).with_name("machaon"))
+# The server every store test also runs against; CI starts it (.ci/run).
+PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for this test run, dropped at the end."""
+    name = f"machaon_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is NOT reachable at {PG_ADMIN_URL} ({exc}). The store tests "
+                    "must run against it: start it (.ci/run does) or set TEST_POSTGRES_URL; "
+                    "`-m 'not postgres'` leaves these tests out.", pytrace=False)
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_store_url(postgres_url):
+    """A migrated job store in a PostgreSQL schema of its own (a database per
+    test would be slow)."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    run_machaon("db", "upgrade", env={"MACHAON_DATABASE_URL": url}, check=True)
+    return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """A migrated, empty job store on each backend."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("pg_store_url")
+    url = f"sqlite:///{tmp_path}/machaon.db"
+    run_machaon("db", "upgrade", env={"MACHAON_DATABASE_URL": url}, check=True)
+    return url
+
+
+def run_machaon(*args: str, env: dict | None = None, check: bool = False,
+                config: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [MACHAON, *args] + (["--config", str(config)] if config else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+class Server:
+    """`machaon serve` running as its own process, as an operator would run it."""
+
+    def __init__(self, workdir: Path, db_url: str, settings: dict[str, dict]):
+        self.workdir = workdir
+        self.port = free_port()
+        self.db_url = db_url
+        self.log_path = workdir / "serve.log"
+        sections = {
+            "dicom": {"host": "127.0.0.1", "port": self.port, "shutdown_grace": 10},
+            "spool": {"path": str(workdir / "spool"), "min_free_mb": 0},
+            "database": {"url": db_url},
+            "completion": {"complete_after": 1, "check_every": 0.2},
+        }
+        for section, values in settings.items():
+            sections.setdefault(section, {}).update(values)
+        self.spool = Path(sections["spool"]["path"])
+        self.config = workdir / "machaon.toml"
+        self.config.write_text("".join(
+            f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
+            for name, values in sections.items()))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        self._log = self.log_path.open("a")
+        self.proc = subprocess.Popen([MACHAON, "serve", "--config", str(self.config)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"machaon serve exited {self.proc.returncode}:\n{self.log()}")
+            if "listening as" in self.log():
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"machaon serve did not start:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"machaon serve did not stop on {sig}:\n{self.log()}") from None
+        if self.proc:
+            self._log.close()
+        return self.proc.returncode if self.proc else 0
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def machaon(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run_machaon(*args, config=self.config, check=check)
+
+    def study(self, study_uid: str) -> dict | None:
+        import json
+        proc = self.machaon("studies", "show", study_uid, "--json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def wait_for(self, predicate, timeout: float = 20, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; server log:\n{self.log()}")
+
+
+def _toml(value) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Start `machaon serve` with extra settings; every server is stopped after the test."""
+    servers: list[Server] = []
+
+    def start(db_url: str | None = None, workdir: Path | None = None, **settings) -> Server:
+        workdir = workdir or tmp_path / f"server{len(servers)}"
+        workdir.mkdir(exist_ok=True)
+        if db_url is None:
+            db_url = f"sqlite:///{workdir}/machaon.db"
+            run_machaon("db", "upgrade", env={"MACHAON_DATABASE_URL": db_url}, check=True)
+        server = Server(workdir, db_url, settings)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        if server.proc and server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def storescu(port: int, *files: Path | str, aet: str = "SCANNER", aec: str = "MACHAON",
+             extra: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess:
+    """DCMTK's storescu, the independent sender. -v logs each response."""
+    cmd = ["storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TCP_NODELAY": "1"})
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the File Meta Information (which a receiver rewrites)."""
+    data = Path(path).read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not a DICOM file"
+    # (0002,0000) UL group length, explicit VR: tag 4 + VR 2 + length 2 + value 4.
+    assert data[132:138] == b"\x02\x00\x00\x00UL", f"{path} has no File Meta group length"
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    return data[meta_end:]

@@ -1,0 +1,151 @@
+"""The job store on SQLite and on the PostgreSQL server: ingest, duplicates, completion."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from machaon.completion import complete_quiet_studies
+from machaon.store import (
+    Event,
+    ReceivedInstance,
+    SchemaError,
+    Store,
+    check_schema,
+    list_studies,
+    record_instance,
+    show_study,
+    upgrade,
+)
+from pydicom.uid import generate_uid
+from sqlalchemy import inspect, select
+
+
+@pytest.fixture
+def store(db_url):
+    store = Store(db_url)
+    yield store
+    store.dispose()
+
+
+def instance(study: str, series: str, sop: str | None = None, **extra) -> ReceivedInstance:
+    sop = sop or generate_uid()
+    return ReceivedInstance(
+        study_uid=study, series_uid=series, sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"studies/{study}/{series}/{sop}.dcm", size_bytes=1000, calling_ae="CT1",
+        patient_id="P1", modality="CT", **extra)
+
+
+def ingest(store: Store, *instances: ReceivedInstance):
+    with store.engine.begin() as conn:
+        return [record_instance(conn, inst, actor="dicom:CT1") for inst in instances]
+
+
+def complete(store: Store, quiet_s: float = 0.0, force_after_s: float = 3600):
+    with store.session.begin() as session:
+        return complete_quiet_studies(session, quiet_s, force_after_s)
+
+
+def events(store: Store, study_uid: str) -> list[str]:
+    with store.session() as session:
+        return list(session.execute(
+            select(Event.action).where(Event.study_uid == study_uid).order_by(Event.id)).scalars())
+
+
+def test_upgrade_creates_every_table_and_is_idempotent(store):
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"studies", "series", "instances", "jobs", "results", "events"} <= tables
+    check_schema(store.engine)  # does not raise
+    before, after = upgrade(store.engine)
+    assert before == after
+
+
+def test_unmigrated_database_is_refused(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/empty.db")
+    with pytest.raises(SchemaError, match="run `machaon db upgrade`"):
+        check_schema(store.engine)
+
+
+def test_instances_create_study_and_series(store):
+    study, s1, s2 = generate_uid(), generate_uid(), generate_uid()
+    ingest(store, instance(study, s1), instance(study, s1), instance(study, s2, series_description="T2"))
+    with store.session() as session:
+        [row] = list_studies(session)
+        shown = show_study(session, study)
+    assert (row["study_uid"], row["series_count"], row["instance_count"]) == (study, 2, 3)
+    assert row["status"] == "receiving" and row["patient_id"] == "P1"
+    assert [s["instance_count"] for s in shown["series"]] == [2, 1]
+    assert shown["series"][1]["series_description"] == "T2"
+    assert events(store, study) == ["study.received"]
+
+
+def test_same_sop_instance_twice_is_counted_once(store):
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    first, second = ingest(store, instance(study, series, sop), instance(study, series, sop))
+    assert not first.replaced and second.replaced
+    with store.session() as session:
+        shown = show_study(session, study)
+    assert shown["instance_count"] == 1
+    assert shown["series"][0]["instances"][0]["receive_count"] == 2
+
+
+def test_quiet_study_completes_and_late_instance_reopens_it(store):
+    study, series = generate_uid(), generate_uid()
+    ingest(store, instance(study, series))
+    assert complete(store, quiet_s=60) == []  # not quiet long enough yet
+    time.sleep(0.05)
+    [done] = complete(store, quiet_s=0.01)
+    assert (done.study_uid, done.instance_count, done.forced, done.completion_count) == (study, 1, False, 1)
+    assert complete(store, quiet_s=0.01) == []  # completes once
+
+    [recorded] = ingest(store, instance(study, series))
+    assert recorded.study_reopened
+    with store.session() as session:
+        shown = show_study(session, study)
+    assert shown["status"] == "receiving" and shown["series"][0]["status"] == "receiving"
+    time.sleep(0.05)
+    [again] = complete(store, quiet_s=0.01)
+    assert again.completion_count == 2 and again.instance_count == 2
+    assert events(store, study) == ["study.received", "study.completed", "study.reopened", "study.completed"]
+
+
+def test_study_that_never_goes_quiet_is_force_completed(store):
+    study, series = generate_uid(), generate_uid()
+    ingest(store, instance(study, series))
+    time.sleep(0.05)
+    [done] = complete(store, quiet_s=60, force_after_s=0.01)
+    assert done.forced
+    with store.session() as session:
+        shown = show_study(session, study)
+    assert shown["status"] == "complete" and shown["series"][0]["status"] == "complete"
+    assert events(store, study)[-1] == "study.force_completed"
+
+
+def test_concurrent_ingest_and_completion_lose_nothing(store):
+    """Eight senders into one study while the completion job runs: every
+    instance counted once, and the study never left complete with a late image."""
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(80)]
+    stop = threading.Event()
+
+    def completion_loop():
+        while not stop.is_set():
+            complete(store, quiet_s=0.0)
+
+    checker = threading.Thread(target=completion_loop)
+    checker.start()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda sop: ingest(store, instance(study, series, sop)), sops + sops[:20]))
+    stop.set()
+    checker.join()
+    with store.session() as session:
+        shown = show_study(session, study)
+    assert shown["instance_count"] == 80
+    assert sum(i["receive_count"] for i in shown["series"][0]["instances"]) == 100
+    # Every reopen was followed by a completion or the study is still receiving.
+    actions = [a for a in events(store, study) if a != "study.received"]
+    completions = actions.count("study.completed")
+    assert actions.count("study.reopened") in (completions - 1, completions)
