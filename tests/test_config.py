@@ -110,3 +110,11 @@ def test_database_without_schema_asks_for_upgrade(tmp_path):
     message = start_refused(tmp_path, f'[dicom]\nport = {free_port()}\n[spool]\npath = "{tmp_path}/s"\n'
                             f'[database]\nurl = "sqlite:///{tmp_path}/empty.db"\n')
     assert "database.url (set in FILE): the database has no machaon tables: run `machaon db upgrade`" in message
+
+
+def test_shipped_examples_are_valid(tmp_path):
+    from pathlib import Path
+    examples = sorted((Path(__file__).parents[1] / "config" / "examples").glob("*.toml"))
+    assert examples
+    for example in examples:
+        load_settings(example, environ={})
