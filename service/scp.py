@@ -127,10 +127,12 @@ class StorageSCP:
             return
         self.server.shutdown()
         deadline = time.monotonic() + grace_s
-        while (self.ae.active_associations and time.monotonic() < deadline
-               and not (hurry and hurry.is_set())):
+        # Only associations that got established carry transfers worth waiting
+        # for; a connection that never sent an A-ASSOCIATE-RQ is just dropped.
+        while (any(a.is_established for a in self.ae.active_associations)
+               and time.monotonic() < deadline and not (hurry and hurry.is_set())):
             time.sleep(0.05)
-        left = self.ae.active_associations
+        left = [a for a in self.ae.active_associations if a.is_established]
         if left:
             log.warning("aborting %d association(s) still open", len(left))
         self.ae.shutdown()
