@@ -125,7 +125,8 @@ def reset_database(url: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--database", help="job store URL for machaon (default: SQLite in a temp folder)")
