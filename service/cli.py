@@ -115,13 +115,14 @@ def _studies_list(settings: Settings, args) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("Study Instance UID", "Patient ID", "Date", "Series", "Images", "Status",
-                  "Last received (UTC)", box=None)
+    table = Table("Patient ID", "Date", "Series", "Images", "Status", "Last received (UTC)", box=None)
+    # The UID is what operators copy into other commands: never cut it short.
+    table.add_column("Study Instance UID", overflow="fold")
     for r in rows:
         status = r["status"] + (f" ({r['completion_count']}x)" if r["completion_count"] > 1 else "")
-        table.add_row(r["study_uid"], r["patient_id"] or "", r["study_date"] or "",
-                      str(r["series_count"]), str(r["instance_count"]), status,
-                      r["last_received_at"][:19].replace("T", " "))
+        table.add_row(r["patient_id"] or "", r["study_date"] or "", str(r["series_count"]),
+                      str(r["instance_count"]), status, r["last_received_at"][:19].replace("T", " "),
+                      r["study_uid"])
     out.print(table if rows else "no studies")
 
 
@@ -142,10 +143,11 @@ def _studies_show(settings: Settings, args) -> int:
     for key in ("patient_id", "patient_name", "accession_number", "study_date", "study_description",
                 "first_received_at", "last_received_at", "completed_at", "completion_count"):
         out.print(f"  {key.replace('_', ' ')}: {study[key] if study[key] is not None else ''}")
-    series = Table("Series Instance UID", "Modality", "No.", "Description", "Images", "Status", box=None)
+    series = Table("Modality", "No.", "Description", "Images", "Status", box=None)
+    series.add_column("Series Instance UID", overflow="fold")
     for s in study["series"]:
-        series.add_row(s["series_uid"], s["modality"] or "", str(s["series_number"] or ""),
-                       s["series_description"] or "", str(s["instance_count"]), s["status"])
+        series.add_row(s["modality"] or "", str(s["series_number"] or ""), s["series_description"] or "",
+                       str(s["instance_count"]), s["status"], s["series_uid"])
     out.print(series)
     events = Table("When (UTC)", "Who", "What", "Detail", box=None)
     for e in study["events"]:
