@@ -8,6 +8,7 @@ large object never sits whole in memory, and the bytes are kept as received.
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 import threading
@@ -169,7 +170,7 @@ class StorageSCP:
             try:
                 size = self.spool.keep(received, relative)
             except OSError as exc:
-                raise Refused(OUT_OF_RESOURCES if exc.errno == 28 else PROCESSING_FAILURE,
+                raise Refused(OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else PROCESSING_FAILURE,
                               f"could not write the instance to the spool: {exc.strerror}") from None
             inst = _received(header, event.context.transfer_syntax, relative, size, calling_ae)
             try:

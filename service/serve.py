@@ -13,7 +13,7 @@ import threading
 
 import sqlalchemy.exc
 
-from .config import ConfigError, Settings
+from .config import Settings
 from .scheduler import build_scheduler
 from .scp import StorageSCP
 from .spool import Spool, SpoolError
@@ -63,35 +63,36 @@ def start_listener(settings: Settings, store: Store, spool: Spool) -> StorageSCP
 
 def serve(settings: Settings) -> None:
     """Run until SIGTERM or Ctrl-C; a second Ctrl-C aborts transfers in flight."""
-    spool = open_spool(settings)
-    store = open_store(settings)
-    try:
-        spool.sweep_incoming()  # whatever is there was never acknowledged
-        scp = start_listener(settings, store, spool)
-    except ConfigError:
-        store.dispose()
-        raise
-    scheduler = build_scheduler(settings, store, spool)
-    scheduler.start()
-
     stopping, hurry = threading.Event(), threading.Event()
 
     def on_signal(signum, _frame):
         if stopping.is_set():
             hurry.set()
             return
-        log.info("%s: stopping; letting transfers in flight finish (up to %.0f s)",
-                 signal.Signals(signum).name, settings.dicom.shutdown_grace)
+        log.info("%s: stopping; letting transfers in flight finish (up to %.0f s; "
+                 "Ctrl-C again aborts them)", signal.Signals(signum).name, settings.dicom.shutdown_grace)
         stopping.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        _run(settings, stopping, hurry)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")
+
+
+def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event) -> None:
+    spool = open_spool(settings)
+    store = open_store(settings)
+    try:
+        spool.sweep_incoming()  # whatever is there was never acknowledged
+        scp = start_listener(settings, store, spool)
+        scheduler = build_scheduler(settings, store, spool)
+        scheduler.start()
         while not stopping.wait(1):
             pass
         scp.stop(settings.dicom.shutdown_grace, hurry)
         scheduler.shutdown(wait=True)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         store.dispose()
-    log.info("stopped")

@@ -215,7 +215,6 @@ class Store:
     """An engine and its session factory: what the service threads share."""
 
     def __init__(self, url: str):
-        self.url = url
         self.engine = make_engine(url)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -260,7 +259,6 @@ class Recorded:
     replaced_path: str | None  # the earlier copy's path, when it was elsewhere
     replaced: bool
     study_reopened: bool
-    study_created: bool
 
 
 def _insert(dialect: str, table):
@@ -343,7 +341,7 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
         add_event(conn, actor, "study.reopened", inst.study_uid, completion_count=completions)
     return Recorded(
         replaced_path=previous if previous not in (None, inst.path) else None,
-        replaced=previous is not None, study_reopened=reopened, study_created=created,
+        replaced=previous is not None, study_reopened=reopened,
     )
 
 

@@ -254,7 +254,7 @@ def test_sigterm_lets_the_transfer_in_flight_finish(serve, tmp_path):
     assert sender.returncode == 0, output
     assert acknowledged(output) == len(files)
     assert len(list((server.spool / "studies").rglob("*.dcm"))) == len(files)
-    assert "stopping; letting transfers in flight finish" in server.log()
+    assert "SIGTERM: stopping; letting transfers in flight finish" in server.log()
     refused = storescu(server.port, files[0])  # and nothing new is accepted after it stopped
     assert refused.returncode != 0
 
