@@ -187,6 +187,11 @@ def storescu(port: int, *files: Path | str, aet: str = "SCANNER", aec: str = "MA
                           env={**os.environ, "TCP_NODELAY": "1"})
 
 
+def acknowledged(storescu_output: str) -> int:
+    """How many C-STOREs storescu -v saw succeed."""
+    return storescu_output.count("Received Store Response (Success)")
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes after the File Meta Information (which a receiver rewrites)."""
     data = Path(path).read_bytes()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import dataset_bytes, storescu
+from conftest import acknowledged, dataset_bytes, free_port, storescu
 from dicomgen import write_ct_series
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -19,10 +18,6 @@ from pydicom.uid import generate_uid
 def stored_path(server, header) -> Path:
     return server.spool / "studies" / header.StudyInstanceUID / header.SeriesInstanceUID / \
         f"{header.SOPInstanceUID}.dcm"
-
-
-def acknowledged(output: str) -> int:
-    return output.count("Received Store Response (Success)")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +58,7 @@ def test_series_is_kept_byte_identical_completed_and_reopened(serve, ct_series, 
     assert actions == ["study.received", "study.completed", "study.reopened", "study.completed"]
 
     listed = server.machaon("studies", "list", "--status", "complete", "--json")
-    assert [s["study_uid"] for s in __import__("json").loads(listed.stdout)] == [header.StudyInstanceUID]
+    assert [s["study_uid"] for s in json.loads(listed.stdout)] == [header.StudyInstanceUID]
     assert server.stop() == 0
 
 
@@ -263,11 +258,12 @@ def test_echo_command(serve):
     server = serve()
     ok = server.machaon("echo", f"MACHAON@127.0.0.1:{server.port}")
     assert "success" in ok.stdout
-    from conftest import free_port
     down = server.machaon("echo", f"NOBODY@127.0.0.1:{free_port()}", check=False)
     assert down.returncode == 1 and "could not be reached" in down.stderr
-    assert shutil.which("echoscu")
+    picky = serve(dicom={"allowed_calling_aets": ["PACS"]})
+    refused = server.machaon("echo", f"MACHAON@127.0.0.1:{picky.port}", check=False)
+    assert refused.returncode == 1
+    assert "rejected the association: check that it knows the calling AE title MACHAON" in refused.stderr
     dcmtk = subprocess.run(["echoscu", "-aec", "MACHAON", "127.0.0.1", str(server.port)],
                            capture_output=True, text=True, timeout=30)
     assert dcmtk.returncode == 0, dcmtk.stderr
-    time.sleep(0)

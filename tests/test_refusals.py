@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import storescu
+from conftest import acknowledged, storescu
 from dicomgen import write_ct_series
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import CTImageStorage, Verification
-
-
-def acknowledged(output: str) -> int:
-    return output.count("Received Store Response (Success)")
+from pynetdicom.sop_class import Verification
 
 
 def send_good_study(server, tmp_path: Path, name: str = "good") -> subprocess.Popen:
@@ -49,9 +45,12 @@ def raw_file(path: Path, meta_from: Path, dataset: bytes) -> Path:
 
 
 def raw_send(port: int, files: list[Path]) -> list[tuple[int, str]]:
-    """Send files as they are, undecoded, as a broken sender would."""
+    """Send files as they are, undecoded, as a broken sender would: the
+    C-STORE request names what the File Meta says."""
+    metas = [pydicom.dcmread(f, stop_before_pixels=True).file_meta for f in files]
     ae = AE("BROKEN")
-    ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    for meta in metas:
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
     _config.STORE_SEND_CHUNKED_DATASET = True
     assoc = ae.associate("127.0.0.1", port, ae_title="MACHAON")
     assert assoc.is_established
@@ -90,22 +89,8 @@ def test_malformed_datasets_are_refused_and_others_carry_on(serve, tmp_path):
 def test_dataset_that_contradicts_its_request_is_refused(serve):
     """rtdose.dcm's File Meta names a different SOP Instance than its dataset."""
     server = serve()
-    [(status, comment)] = raw_send_file(server.port, Path(get_testdata_file("rtdose.dcm")))
+    [(status, comment)] = raw_send(server.port, [Path(get_testdata_file("rtdose.dcm"))])
     assert status == 0xA900 and "SOPInstanceUID differs" in comment
-
-
-def raw_send_file(port: int, path: Path) -> list[tuple[int, str]]:
-    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-    ae = AE("BROKEN")
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    assoc = ae.associate("127.0.0.1", port, ae_title="MACHAON")
-    try:
-        response = assoc.send_c_store(path)
-        return [(response.Status, str(response.get("ErrorComment", "")))]
-    finally:
-        assoc.release()
-        _config.STORE_SEND_CHUNKED_DATASET = False
 
 
 def test_unknown_calling_ae_is_rejected(serve, tmp_path):
