@@ -9,9 +9,8 @@ from .config import Settings
 from .spool import Spool
 from .store import Store
 
-# A transfer still being written touches its file with every PDU; one untouched
-# for this long was dropped by its sender.
-STALE_TRANSFER_S = 3600
+# How often unfinished transfers are looked for.
+SWEEP_EVERY_S = 300
 
 
 def build_scheduler(settings: Settings, store: Store, spool: Spool) -> BackgroundScheduler:
@@ -24,7 +23,10 @@ def build_scheduler(settings: Settings, store: Store, spool: Spool) -> Backgroun
     scheduler.add_job(run_completion, "interval", id="completion",
                       seconds=settings.completion.check_every,
                       args=[store, settings.completion])
+    # A transfer being written touches its file with every PDU, and pynetdicom
+    # drops an association silent for network_timeout: a file untouched for
+    # twice that belongs to no live association.
     scheduler.add_job(spool.sweep_incoming, "interval", id="sweep-incoming",
-                      seconds=STALE_TRANSFER_S, args=[STALE_TRANSFER_S])
+                      seconds=SWEEP_EVERY_S, args=[2 * settings.dicom.network_timeout])
     return scheduler
 

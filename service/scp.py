@@ -159,10 +159,13 @@ class StorageSCP:
 
     def _keep(self, event: evt.Event, calling_ae: str) -> ReceivedInstance:
         received = Path(event.dataset_path)
-        if not self.spool.has_room():
+        try:
+            room = self.spool.has_room()
+        except OSError as exc:
+            raise Refused(PROCESSING_FAILURE, f"spool unusable: {exc.strerror}") from None
+        if not room:
             raise Refused(OUT_OF_RESOURCES,
-                          f"less than {self.settings.spool.min_free_mb} MiB free in the spool; "
-                          "try again once space is freed")
+                          f"less than {self.settings.spool.min_free_mb} MiB free in the spool; retry later")
         header = _read_header(received, event.request)
         relative = self.spool.relative_path(header.StudyInstanceUID, header.SeriesInstanceUID,
                                             header.SOPInstanceUID)
@@ -171,7 +174,7 @@ class StorageSCP:
                 size = self.spool.keep(received, relative)
             except OSError as exc:
                 raise Refused(OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else PROCESSING_FAILURE,
-                              f"could not write the instance to the spool: {exc.strerror}") from None
+                              f"spool write failed: {exc.strerror}") from None
             inst = _received(header, event.context.transfer_syntax, relative, size, calling_ae)
             try:
                 with self.store.engine.begin() as conn:
@@ -180,8 +183,8 @@ class StorageSCP:
                 log.exception("could not record %s", inst.sop_instance_uid)
                 raise Refused(PROCESSING_FAILURE, "could not record the instance in the job store: "
                               f"{type(exc).__name__}") from None
-        if recorded.replaced_path:
-            self.spool.remove(recorded.replaced_path)
+            if recorded.replaced_path:  # the same instance, kept earlier under other UIDs
+                self.spool.remove(recorded.replaced_path)
         if recorded.study_reopened:
             log.info("study %s reopened by a new instance from %s", inst.study_uid, calling_ae)
         return inst
@@ -250,17 +253,21 @@ def _read_header(path: Path, request) -> Dataset:
     return header
 
 
+# What a sender writes in these is not trusted to fit the columns: a value that
+# would make the row fail is dropped (the file keeps it), not the instance.
+
 def _text(header: Dataset, keyword: str, limit: int) -> str | None:
     value = header.get(keyword)
-    return None if value in (None, "") else str(value)[:limit]
+    return None if value in (None, "") else str(value).replace("\x00", "")[:limit]
 
 
 def _number(header: Dataset, keyword: str) -> int | None:
     try:
         value = header.get(keyword)
-        return None if value in (None, "") else int(value)
+        number = None if value in (None, "") else int(value)
     except (TypeError, ValueError):
         return None
+    return number if number is not None and -2**31 <= number < 2**31 else None
 
 
 def _received(header: Dataset, transfer_syntax: str, relative: str, size: int,

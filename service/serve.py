@@ -10,6 +10,7 @@ import errno
 import logging
 import signal
 import threading
+import time
 
 import sqlalchemy.exc
 
@@ -24,12 +25,15 @@ log = logging.getLogger("machaon.serve")
 
 def open_store(settings: Settings) -> Store:
     """Connect to the job store and check its schema is current."""
-    store = Store(settings.database.url)
+    try:
+        store = Store(settings.database.url)
+    except (OSError, ValueError, sqlalchemy.exc.ArgumentError) as exc:
+        raise settings.error("database.url", f"cannot use the database: {exc}") from None
     try:
         check_schema(store.engine)
     except sqlalchemy.exc.SQLAlchemyError as exc:
         store.dispose()
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
         raise settings.error("database.url", f"cannot use the database: {reason}") from None
     except SchemaError as exc:
         store.dispose()
@@ -86,8 +90,11 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event) 
     spool = open_spool(settings)
     store = open_store(settings)
     try:
-        spool.sweep_incoming()  # whatever is there was never acknowledged
+        started = time.time()
         scp = start_listener(settings, store, spool)
+        # Once the port is ours, no other machaon is using this spool: what
+        # incoming/ held before we started was never acknowledged.
+        spool.sweep_incoming(untouched_for_s=time.time() - started)
         scheduler = build_scheduler(settings, store, spool)
         scheduler.start()
         while not stopping.wait(1):

@@ -41,8 +41,8 @@ class Spool:
     def prepare(self) -> None:
         """Create the folders and prove we can write durably there."""
         try:
-            for folder in (self.root, self.incoming, self.studies):
-                folder.mkdir(parents=True, exist_ok=True)
+            _make_dirs_durably(self.incoming)
+            _make_dirs_durably(self.studies)
             probe = self.incoming / f".probe-{os.getpid()}"
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -83,15 +83,18 @@ class Spool:
         return size
 
     def remove(self, relative: str) -> None:
+        """Best effort: a copy that cannot be removed is logged, not raised."""
         try:
             (self.root / relative).unlink()
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            log.warning("could not remove the replaced copy %s: %s", relative, exc.strerror)
 
-    def sweep_incoming(self, older_than_s: float = 0) -> int:
+    def sweep_incoming(self, untouched_for_s: float) -> int:
         """Delete transfers that never finished (a sender that dropped the
         association, or a crash). Nothing under incoming/ was acknowledged."""
-        cutoff = time.time() - older_than_s
+        cutoff = time.time() - untouched_for_s
         removed = 0
         for entry in self.incoming.iterdir():
             try:
@@ -117,7 +120,7 @@ def _make_dirs_durably(folder: Path) -> None:
         try:
             new.mkdir()
         except FileExistsError:
-            continue  # another association made it at the same moment
+            pass  # another association made it at the same moment: sync it all the same
         _fsync_dir(new.parent)
 
 
