@@ -109,7 +109,7 @@ def _studies_list(settings: Settings, args) -> None:
     from .serve import open_store
     from .store import list_studies
     store = open_store(settings)
-    with store.session() as session:
+    with store.read_session() as session:
         rows = list_studies(session, status=args.status, limit=args.limit)
     store.dispose()
     if args.json:
@@ -130,7 +130,7 @@ def _studies_show(settings: Settings, args) -> int:
     from .serve import open_store
     from .store import show_study
     store = open_store(settings)
-    with store.session() as session:
+    with store.read_session() as session:
         study = show_study(session, args.study_uid)
     store.dispose()
     if study is None:

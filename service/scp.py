@@ -26,7 +26,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from .config import Settings
 from .spool import Spool, valid_uid
-from .store import ReceivedInstance, Store, add_event, record_instance
+from .store import ReceivedInstance, SeriesConflict, Store, add_event, record_instance
 
 log = logging.getLogger("machaon.scp")
 
@@ -137,6 +137,8 @@ class StorageSCP:
         if left:
             log.warning("aborting %d association(s) still open", len(left))
         self.ae.shutdown()
+        for assoc in self.ae.active_associations:  # a handler may be mid-commit
+            assoc.join(timeout=5)
         self.server = None
 
     # --- C-STORE ------------------------------------------------------------
@@ -170,6 +172,7 @@ class StorageSCP:
         relative = self.spool.relative_path(header.StudyInstanceUID, header.SeriesInstanceUID,
                                             header.SOPInstanceUID)
         with self._uid_locks[zlib.crc32(header.SOPInstanceUID.encode()) % len(self._uid_locks)]:
+            had_copy = self.spool.path(relative).exists()
             try:
                 size = self.spool.keep(received, relative)
             except OSError as exc:
@@ -179,10 +182,10 @@ class StorageSCP:
             try:
                 with self.store.engine.begin() as conn:
                     recorded = record_instance(conn, inst, actor=f"dicom:{calling_ae}")
-            except Exception as exc:  # the database is down or refused the row
-                log.exception("could not record %s", inst.sop_instance_uid)
-                raise Refused(PROCESSING_FAILURE, "could not record the instance in the job store: "
-                              f"{type(exc).__name__}") from None
+            except Exception as exc:
+                if not had_copy:  # never acknowledged, and now in no row: don't leave it
+                    self.spool.remove(relative)
+                raise _refusal(exc, inst) from None
             if recorded.replaced_path:  # the same instance, kept earlier under other UIDs
                 self.spool.remove(recorded.replaced_path)
         if recorded.study_reopened:
@@ -223,6 +226,16 @@ class StorageSCP:
         requestor = event.assoc.requestor
         log.warning("association from %s (%s:%s) rejected", requestor.ae_title,
                     requestor.address, requestor.port)
+
+
+def _refusal(exc: Exception, inst: ReceivedInstance) -> Refused:
+    if isinstance(exc, SeriesConflict):
+        log.warning("series %s of %s already belongs to another study", inst.series_uid,
+                    inst.sop_instance_uid)
+        return Refused(DOES_NOT_MATCH, "SeriesInstanceUID already used in another study")
+    log.exception("could not record %s", inst.sop_instance_uid)  # the database is down, say
+    return Refused(PROCESSING_FAILURE, "could not record the instance in the job store: "
+                   f"{type(exc).__name__}")
 
 
 def _status(status: int, comment: str | None = None) -> Dataset:

@@ -176,8 +176,9 @@ def _sqlite_on_connect(dbapi_conn, _record) -> None:
 
 def _sqlite_on_begin(conn) -> None:
     # IMMEDIATE takes the write lock up front, so two writers wait for each other
-    # (busy_timeout) instead of one failing when it upgrades a read lock.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # (busy_timeout) instead of one failing when it upgrades a read lock. Readers
+    # (Store.read_session) need no lock in WAL mode and must not hold up ingest.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
 
 
 def _alembic_config(engine: Engine) -> AlembicConfig:
@@ -217,6 +218,8 @@ class Store:
     def __init__(self, url: str):
         self.engine = make_engine(url)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+        # For queries that write nothing (the CLI, the API).
+        self.read_session = sessionmaker(self.engine.execution_options(read_only=True))
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -254,6 +257,11 @@ class ReceivedInstance:
     instance_number: int | None = None
 
 
+class SeriesConflict(Exception):
+    """A Series Instance UID already filed under another study (a sender error:
+    the UID is meant to be unique); the caller's transaction must roll back."""
+
+
 @dataclass(frozen=True)
 class Recorded:
     replaced_path: str | None  # the earlier copy's path, when it was elsewhere
@@ -286,7 +294,7 @@ def _ingest_statements(dialect: str) -> SimpleNamespace:
             status=RECEIVING, completed_at=None, last_received_at=bindparam("now"),
             **{c.key: keep(c) for c in (Series.modality, Series.series_number,
                                         Series.series_description)},
-        ).returning(Series.id),
+        ).returning(Series.id, Series.study_id),
         instance_path=select(Instance.path).where(Instance.sop_instance_uid == bindparam("uid")),
         upsert_instance=_upsert_instance(dialect),
     )
@@ -325,10 +333,12 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
         conn.execute(q.reopen_study, dict(study_id=study_id, now=now))
     conn.execute(q.new_series, dict(study_id=study_id, series_uid=inst.series_uid,
                                     status=RECEIVING, first_received_at=now, last_received_at=now))
-    series_id = conn.execute(q.touch_series, dict(
+    series_id, series_study_id = conn.execute(q.touch_series, dict(
         uid=inst.series_uid, now=now, new_modality=inst.modality,
         new_series_number=inst.series_number,
-        new_series_description=inst.series_description)).scalar_one()
+        new_series_description=inst.series_description)).one()
+    if series_study_id != study_id:
+        raise SeriesConflict(inst.series_uid)
     previous = conn.execute(q.instance_path, dict(uid=inst.sop_instance_uid)).scalar_one_or_none()
     conn.execute(q.upsert_instance, dict(
         series_id=series_id, sop_instance_uid=inst.sop_instance_uid,

@@ -12,6 +12,7 @@ from machaon.store import (
     Event,
     ReceivedInstance,
     SchemaError,
+    SeriesConflict,
     Store,
     check_schema,
     list_studies,
@@ -149,3 +150,25 @@ def test_concurrent_ingest_and_completion_lose_nothing(store):
     actions = [a for a in events(store, study) if a != "study.received"]
     completions = actions.count("study.completed")
     assert actions.count("study.reopened") in (completions - 1, completions)
+
+
+def test_series_uid_reused_in_another_study_is_refused(store):
+    series = generate_uid()
+    study_a, study_b = generate_uid(), generate_uid()
+    ingest(store, instance(study_a, series))
+    with pytest.raises(SeriesConflict):
+        ingest(store, instance(study_b, series))
+    with store.session() as session:
+        assert [s["study_uid"] for s in list_studies(session)] == [study_a]  # rolled back whole
+
+
+def test_reading_does_not_hold_up_ingest(store):
+    """An operator's open query must not make C-STOREs wait (SQLite: no write lock)."""
+    study, series = generate_uid(), generate_uid()
+    with store.read_session() as session:
+        list_studies(session)  # its transaction is open now
+        done = []
+        writer = threading.Thread(target=lambda: done.append(ingest(store, instance(study, series))))
+        writer.start()
+        writer.join(timeout=10)
+        assert done, "ingest waited on a reader"
