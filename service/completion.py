@@ -1,14 +1,16 @@
 """When is a study complete? When nothing has arrived for it for a while.
 
 DICOM has no "end of study" message, so a series and its study are complete
-once they have been quiet for `complete_after` seconds. An instance arriving
-later reopens them (store.record_instance) and they complete again. A study
-that never goes quiet is completed after `force_complete_after` seconds.
+once they have been quiet for `complete_after` seconds, and (for a study) no
+association that sent to it is still open. An instance arriving later reopens
+them (store.record_instance) and they complete again. A study that never goes
+quiet is completed after `force_complete_after` seconds.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,9 +33,10 @@ class Completed:
 
 
 def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: float,
-                           actor: str = "scheduler") -> list[Completed]:
-    """Complete series and studies that received nothing for `quiet_s` seconds,
-    and studies that have been receiving for `force_after_s` seconds (caller commits)."""
+                           in_flight: Collection[str] = (), actor: str = "scheduler") -> list[Completed]:
+    """Complete series and studies that received nothing for `quiet_s` seconds
+    (studies in `in_flight` excepted), and studies that have been receiving for
+    `force_after_s` seconds (caller commits)."""
     now = utcnow()
     quiet_since = now - timedelta(seconds=quiet_s)
     session.execute(
@@ -44,13 +47,13 @@ def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: floa
     due = session.execute(
         select(Study).where(
             Study.status == RECEIVING,
-            (Study.last_received_at <= quiet_since)
+            ((Study.last_received_at <= quiet_since) & Study.study_uid.not_in(in_flight))
             | (Study.opened_at <= now - timedelta(seconds=force_after_s)),
         ).with_for_update(skip_locked=True)
     ).scalars().all()
     done = []
     for study in due:
-        forced = study.last_received_at > quiet_since
+        forced = study.last_received_at > quiet_since or study.study_uid in in_flight
         study.status, study.completed_at = COMPLETE, now
         study.completion_count += 1
         if forced:
@@ -74,11 +77,12 @@ def _counts(session: Session, study_id: int) -> tuple[int, int]:
     return row[0], row[1]
 
 
-def run_completion(store: Store, settings: CompletionSettings) -> list[Completed]:
+def run_completion(store: Store, settings: CompletionSettings,
+                   in_flight: Callable[[], Collection[str]] = frozenset) -> list[Completed]:
     """One pass of the scheduler's completion job, with a log line per study."""
     with store.session.begin() as session:
         done = complete_quiet_studies(session, settings.complete_after,
-                                      settings.force_complete_after)
+                                      settings.force_complete_after, in_flight())
     for c in done:
         how = (f"force-completed after {settings.force_complete_after:.0f} s of receiving"
                if c.forced else f"complete after {settings.complete_after:g} s quiet")

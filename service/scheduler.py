@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from .completion import run_completion
@@ -13,7 +15,8 @@ from .store import Store
 SWEEP_EVERY_S = 300
 
 
-def build_scheduler(settings: Settings, store: Store, spool: Spool) -> BackgroundScheduler:
+def build_scheduler(settings: Settings, store: Store, spool: Spool,
+                    studies_in_flight: Callable[[], Collection[str]]) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(
         timezone="UTC",
         # One run at a time per job; a run missed while busy is skipped, not
@@ -22,7 +25,7 @@ def build_scheduler(settings: Settings, store: Store, spool: Spool) -> Backgroun
     )
     scheduler.add_job(run_completion, "interval", id="completion",
                       seconds=settings.completion.check_every,
-                      args=[store, settings.completion])
+                      args=[store, settings.completion, studies_in_flight])
     # A transfer being written touches its file with every PDU, and pynetdicom
     # drops an association silent for network_timeout: a file untouched for
     # twice that belongs to no live association.

@@ -85,6 +85,7 @@ class StorageSCP:
         self.server: ThreadedAssociationServer | None = None
         self.ae = self._make_ae()
         self._associations: dict[int, _AssociationLog] = {}
+        self._associations_lock = threading.Lock()  # association threads and the scheduler
         # Two copies of one SOP Instance arriving at once must not interleave
         # their rename and their row; striped locks keep that cheap.
         self._uid_locks = [threading.Lock() for _ in range(64)]
@@ -154,10 +155,17 @@ class StorageSCP:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, exc.status, exc)
             return _status(exc.status, str(exc))
         if stats:
-            stats.stored += 1
-            stats.bytes += inst.size_bytes
-            stats.studies.add(inst.study_uid)
+            with self._associations_lock:
+                stats.stored += 1
+                stats.bytes += inst.size_bytes
+                stats.studies.add(inst.study_uid)
         return _status(SUCCESS)
+
+    def studies_in_flight(self) -> set[str]:
+        """Studies that associations still open have sent to: a sender may be
+        streaming a large object of theirs, so they are not quiet yet."""
+        with self._associations_lock:
+            return set().union(*(stats.studies for stats in self._associations.values()))
 
     def _keep(self, event: evt.Event, calling_ae: str) -> ReceivedInstance:
         received = Path(event.dataset_path)
@@ -196,8 +204,9 @@ class StorageSCP:
 
     def _on_established(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        self._associations[id(event.assoc)] = _AssociationLog(
-            requestor.ae_title, f"{requestor.address}:{requestor.port}")
+        with self._associations_lock:
+            self._associations[id(event.assoc)] = _AssociationLog(
+                requestor.ae_title, f"{requestor.address}:{requestor.port}")
 
     def _on_end(self, event: evt.Event) -> None:
         stats = self._associations.get(id(event.assoc))
@@ -205,7 +214,8 @@ class StorageSCP:
             stats.ended = "released" if event.event is evt.EVT_RELEASED else "aborted"
 
     def _on_close(self, event: evt.Event) -> None:
-        stats = self._associations.pop(id(event.assoc), None)
+        with self._associations_lock:
+            stats = self._associations.pop(id(event.assoc), None)
         if stats is None:
             return
         seconds = time.monotonic() - stats.started

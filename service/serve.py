@@ -95,7 +95,7 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event) 
         # Once the port is ours, no other machaon is using this spool: what
         # incoming/ held before we started was never acknowledged.
         spool.sweep_incoming(untouched_for_s=time.time() - started)
-        scheduler = build_scheduler(settings, store, spool)
+        scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight)
         scheduler.start()
         while not stopping.wait(1):
             pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -60,6 +61,23 @@ def test_series_is_kept_byte_identical_completed_and_reopened(serve, ct_series, 
     listed = server.machaon("studies", "list", "--status", "complete", "--json")
     assert [s["study_uid"] for s in json.loads(listed.stdout)] == [header.StudyInstanceUID]
     assert server.stop() == 0
+
+
+def test_study_waits_for_its_sender_to_close_the_association(serve, ct_series):
+    """A sender still connected may be streaming a large object of the study."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+    server = serve()
+    ae = AE("SLOWSENDER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MACHAON")
+    header = pydicom.dcmread(ct_series[0])
+    assert assoc.send_c_store(header).Status == 0
+    time.sleep(3)  # three times complete_after
+    assert server.study(header.StudyInstanceUID)["status"] == "receiving"
+    assoc.release()
+    server.wait_for(lambda: server.study(header.StudyInstanceUID)["status"] == "complete",
+                    what="the study to complete once its sender let go")
 
 
 def test_same_instance_twice_is_stored_once(serve, ct_series):

@@ -172,3 +172,14 @@ def test_reading_does_not_hold_up_ingest(store):
         writer.start()
         writer.join(timeout=10)
         assert done, "ingest waited on a reader"
+
+
+def test_study_with_an_open_association_is_not_quiet(store):
+    study, series = generate_uid(), generate_uid()
+    ingest(store, instance(study, series))
+    time.sleep(0.05)
+    with store.session.begin() as session:
+        assert complete_quiet_studies(session, 0.01, 3600, in_flight={study}) == []
+    with store.session.begin() as session:  # the maximum still applies
+        [forced] = complete_quiet_studies(session, 0.01, 0.01, in_flight={study})
+    assert forced.forced
