@@ -181,17 +181,32 @@ def _sqlite_on_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
 
 
-def _alembic_config(engine: Engine) -> AlembicConfig:
+def _alembic_config(bind: Engine | Connection | None) -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", "machaon:migrations")
-    cfg.attributes["engine"] = engine
+    cfg.attributes["bind"] = bind
     return cfg
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Apply the migrations; returns (revision before, revision after)."""
     before = current_revision(engine)
-    command.upgrade(_alembic_config(engine), "head")
+    if engine.dialect.name != "sqlite":
+        command.upgrade(_alembic_config(engine), "head")
+        return before, head_revision()
+    # SQLite alters a table by copying and dropping it; with foreign keys on, the
+    # drop would cascade into every row that refers to it. They go off (outside
+    # any transaction, or SQLite ignores it) and are checked afterwards.
+    with engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            command.upgrade(_alembic_config(conn), "head")
+            broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+        finally:
+            raw.execute("PRAGMA foreign_keys=ON")
+    if broken:
+        raise SchemaError(f"the migration left {len(broken)} rows referring to missing ones")
     return before, head_revision()
 
 

@@ -1,10 +1,20 @@
-"""Alembic environment: machaon passes its own engine (see store.upgrade)."""
+"""Alembic environment: machaon passes its own engine or connection (store.upgrade)."""
 
 from alembic import context
 from machaon.store import Base
+from sqlalchemy.engine import Connection
 
-engine = context.config.attributes["engine"]
-with engine.begin() as connection:
+
+def run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=Base.metadata,
                       render_as_batch=connection.dialect.name == "sqlite")
     context.run_migrations()
+
+
+bind = context.config.attributes["bind"]
+if isinstance(bind, Connection):
+    with bind.begin():
+        run(bind)
+else:
+    with bind.begin() as connection:
+        run(connection)
