@@ -67,6 +67,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("study_uid", metavar="STUDY_UID")
     p.set_defaults(run=_studies_show)
 
+    models = sub.add_parser("models", help="model packages").add_subparsers(required=True, metavar="ACTION")
+    p = models.add_parser("build", parents=[common],
+                          help="convert models/*/ to ONNX packages in models.path (from a checkout)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="default: every model in --source")
+    p.add_argument("--source", default="models", metavar="DIR", help="source model folders (default: models)")
+    p.add_argument("--envs", default="build/envs", metavar="DIR",
+                   help="where the Keras and MXNet environments live (default: build/envs)")
+    p.set_defaults(run=_models_build)
+    p = models.add_parser("train", parents=[common], help="train a demo model on phantoms (slow)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--studies", type=int, default=60, help="phantom studies to train on (default 60)")
+    p.add_argument("--holdout", type=int, default=12, help="phantom studies held out (default 12)")
+    p.add_argument("--source", default="models", metavar="DIR")
+    p.add_argument("--envs", default="build/envs", metavar="DIR")
+    p.set_defaults(run=_models_train)
+    p = models.add_parser("list", parents=[common, json_flag], help="built packages in models.path")
+    p.set_defaults(run=_models_list)
+    p = models.add_parser("check", parents=[common],
+                          help="load a package, run a dummy input, show providers and timing")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="default: inference.precision")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=10)
+    p.set_defaults(run=_models_check)
+
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (AET@HOST:PORT)")
     p.add_argument("target", metavar="AET@HOST:PORT")
     p.add_argument("--timeout", type=float, default=10, help="seconds (default 10)")
@@ -154,6 +179,105 @@ def _studies_show(settings: Settings, args) -> int:
         events.add_row(e["at"][:23].replace("T", " "), e["actor"], e["action"],
                        ", ".join(f"{k}={v}" for k, v in e["detail"].items()))
     out.print(events)
+    return 0
+
+
+def _builder(settings: Settings, args):
+    from pathlib import Path
+
+    from .build import Builder
+    return Builder(Path(args.source), settings.models.path, Path(args.envs), out)
+
+
+def _models_build(settings: Settings, args) -> int:
+    from .build import BuildError
+    from .manifest import PackageError
+    builder = _builder(settings, args)
+    names = args.names or builder.names()
+    if not names:
+        return _fail(f"no models in {args.source}/ (each needs a manifest.toml): run from a checkout")
+    failed = []
+    for name in names:
+        try:
+            builder.build(name)
+        except (BuildError, PackageError) as exc:
+            failed.append(name)
+            out.print(f"  [red]failed[/] {name}")
+            print(f"machaon: {name}: {exc}", file=sys.stderr)
+    if failed:
+        return _fail(f"{len(failed)} of {len(names)} models failed to build: {', '.join(failed)}")
+    return 0
+
+
+def _models_train(settings: Settings, args) -> int:
+    from .build import BuildError
+    from .manifest import PackageError
+    try:
+        _builder(settings, args).train(args.name, args.studies, args.holdout)
+    except (BuildError, PackageError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _models_list(settings: Settings, args) -> int:
+    from .manifest import find_packages
+    packages, errors = find_packages(settings.models.path)
+    rows = [_package_row(p) for p in packages]
+    if args.json:
+        print(json.dumps({"path": str(settings.models.path), "models": rows, "errors": errors}, indent=2))
+    else:
+        table = Table("Name", "Version", "Task", "Input", "Variants", "Demo", "Parity", "Evaluation", box=None)
+        for r in rows:
+            evaluation = f"{r['evaluation']['metric']} {r['evaluation']['value']:.3f}" if r["evaluation"] else ""
+            table.add_row(r["name"], r["version"], r["task"], r["input"], ", ".join(r["variants"]),
+                          r["demo"] or "", f"{r['parity_max_abs_diff']:.1e}", evaluation)
+        out.print(table if rows else f"no model packages in {settings.models.path} "
+                  "(build them with `machaon models build`)")
+    for error in errors:
+        print(f"machaon: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _package_row(package) -> dict:
+    m = package.manifest
+    return {
+        "name": m.name, "version": m.version, "task": m.task, "demo": m.demo, "path": str(package.folder),
+        "input": f"{'/'.join(m.input.modalities)} {'x'.join(map(str, m.input.size))}x{m.input.channels} "
+                 f"{m.input.layout}",
+        "variants": ["fp32"] + [v.precision for v in m.variants],
+        "parity_max_abs_diff": m.provenance.parity_max_abs_diff,
+        "evaluation": m.evaluation.model_dump() if m.evaluation else None,
+        "sha256": m.provenance.sha256,
+    }
+
+
+def _models_check(settings: Settings, args) -> int:
+    import numpy as np
+
+    from .inference import Model
+    from .manifest import PackageError, load_package
+    precision = args.precision or settings.inference.precision
+    try:
+        package = load_package(settings.models.path, args.name)
+        model = Model(package, precision, settings.inference.runtime_options())
+    except PackageError as exc:
+        return _fail(str(exc))
+    x = np.random.default_rng(0).standard_normal(package.manifest.input.shape(args.batch)).astype(np.float32)
+    started = time.perf_counter()
+    y = model.run(x)
+    first = time.perf_counter() - started
+    times = []
+    for _ in range(args.runs):
+        started = time.perf_counter()
+        model.run(x)
+        times.append(time.perf_counter() - started)
+    out.print(f"{package.name} {package.manifest.version} ({precision}) from {package.folder}")
+    out.print(f"  providers asked for: {', '.join(settings.inference.providers)}")
+    out.print(f"  providers in use:    {', '.join(model.providers)}")
+    out.print(f"  input {x.shape} -> output {y.shape}")
+    out.print(f"  session created in {model.load_seconds * 1000:.0f} ms; first run {first * 1000:.1f} ms; "
+              f"median of {args.runs} runs {np.median(times) * 1000:.1f} ms "
+              f"({args.batch / np.median(times):.1f} images/s at batch {args.batch})")
     return 0
 
 

@@ -73,6 +73,30 @@ class CompletionSettings(_Section):
     check_every: float = Field(1, gt=0)
 
 
+class ModelSettings(_Section):
+    path: Path = Path("build/models")  # built packages; `machaon models build` writes here
+
+
+class InferenceSettings(_Section):
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(["tensorrt", "cuda", "cpu"], min_length=1)
+    intra_op_threads: int = Field(0, ge=0)
+    inter_op_threads: int = Field(0, ge=0)
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    tensorrt_cache: Path = Path("var/tensorrt-cache")
+
+    @field_validator("providers")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each provider once")
+        return value
+
+    def runtime_options(self):
+        from .inference import RuntimeOptions
+        return RuntimeOptions(tuple(self.providers), self.intra_op_threads, self.inter_op_threads,
+                              self.tensorrt_cache)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -82,6 +106,8 @@ class Settings(_Section):
     spool: SpoolSettings = SpoolSettings()
     database: DatabaseSettings = DatabaseSettings()
     completion: CompletionSettings = CompletionSettings()
+    models: ModelSettings = ModelSettings()
+    inference: InferenceSettings = InferenceSettings()
     log: LogSettings = LogSettings()
 
     # Where each key's value came from ("dicom.port" -> "/etc/machaon.toml"),

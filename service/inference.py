@@ -1,0 +1,126 @@
+"""ONNX Runtime sessions for model packages, created once per model and reused.
+
+onnxruntime-gpu lists the TensorRT and CUDA providers even on a machine where
+they cannot load, and then falls back quietly; so every session logs the
+providers it actually got, and callers can see them on `Model.providers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import InputSpec, Normalisation, Package, PackageError
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+    intra_op_threads: int = 0  # 0: ONNX Runtime decides
+    inter_op_threads: int = 0
+    cache_dir: Path | None = None  # TensorRT engine cache, so engines are built once per model
+
+
+def _provider_list(options: RuntimeOptions) -> list:
+    """ONNX Runtime's provider list for `options`, with TensorRT's engine cache turned on."""
+    providers = []
+    for short in options.providers:
+        name = PROVIDER_NAMES[short]
+        if short == "tensorrt" and options.cache_dir:
+            providers.append((name, {"trt_engine_cache_enable": True, "trt_fp16_enable": False,
+                                     "trt_engine_cache_path": str(options.cache_dir)}))
+        else:
+            providers.append(name)
+    return providers
+
+
+class Model:
+    """One package's ONNX Runtime session and what is needed to feed it."""
+
+    def __init__(self, package: Package, precision: str, options: RuntimeOptions):
+        import onnxruntime as ort
+
+        self.package = package
+        self.precision = precision
+        path = package.onnx_path(precision)
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.log_severity_level = 3
+        ort.set_default_logger_severity(3)  # provider fallbacks are reported below, once, by us
+        started = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(str(path), session_options, providers=_provider_list(options))
+        except Exception as exc:  # ORT raises its own exception types for a bad file
+            raise PackageError(f"model {package.name}: ONNX Runtime cannot load {path}: {exc}") from None
+        self.load_seconds = time.perf_counter() - started
+        self.providers = self.session.get_providers()
+        self.input_name = self.session.get_inputs()[0].name
+        wanted = [PROVIDER_NAMES[p] for p in options.providers]
+        missing = [p for p in wanted if p not in self.providers]
+        log.log(logging.WARNING if missing and wanted[0] not in self.providers else logging.INFO,
+                "model %s %s (%s) runs on %s%s", package.name, package.manifest.version, precision,
+                ", ".join(self.providers),
+                f"; not available here: {', '.join(missing)}" if missing else "")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The model's first output for a batch already in its input layout, as float32."""
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return out.astype(np.float32, copy=False)
+
+
+class Sessions:
+    """The process's sessions: one per (model, precision), created on first use."""
+
+    def __init__(self, options: RuntimeOptions):
+        self.options = options
+        self._models: dict[tuple[str, str], Model] = {}
+        self._lock = threading.Lock()
+
+    def get(self, package: Package, precision: str = "fp32") -> Model:
+        key = (package.name, precision)
+        with self._lock:  # creating a session takes seconds; two threads must not both do it
+            if key not in self._models:
+                self._models[key] = Model(package, precision, self.options)
+            return self._models[key]
+
+
+def normalise(pixels: np.ndarray, spec: Normalisation) -> np.ndarray:
+    """Model input from rescaled pixel values (N, H, W[, C]); per image where statistics are needed."""
+    x = pixels.astype(np.float32, copy=False)
+    axes = tuple(range(1, x.ndim))
+    if spec.method == "window":
+        low = spec.center - spec.width / 2
+        return np.clip((x - low) / spec.width, 0.0, 1.0)
+    if spec.method == "zscore":
+        mean = x.mean(axis=axes, keepdims=True)
+        std = x.std(axis=axes, keepdims=True)
+        return (x - mean) / np.maximum(std, 1e-6)
+    if spec.method == "minmax":
+        low, high = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
+        return (x - low) / np.maximum(high - low, 1e-6)
+    return x * spec.factor + spec.offset
+
+
+def to_layout(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(N, H, W) or (N, H, W, C) float32 images to the model's input tensor."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] != spec.channels:
+        images = np.repeat(images, spec.channels, axis=-1) if images.shape[-1] == 1 else images
+    if spec.layout == "NCHW":
+        images = images.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images, dtype=np.float32)

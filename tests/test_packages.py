@@ -1,0 +1,200 @@
+"""Model packages: manifests are validated field by field, and a damaged package says so."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tomli_w
+from conftest import run_machaon
+from machaon.inference import RuntimeOptions, Sessions
+from machaon.manifest import Package, PackageError, find_packages, read_manifest, sha256_of
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parents[1]
+
+MANIFEST = {
+    "name": "tiny-views",
+    "version": "1.0.0",
+    "task": "classification",
+    "description": "A linear classifier over 8x8 images, made by the test.",
+    "intended_use": "Tests only; not for clinical use.",
+    "demo": "random-weights",
+    "input": {"modalities": ["MR"], "photometric": ["MONOCHROME2"], "kind": "slice", "size": [8, 8],
+              "channels": 1, "layout": "NHWC", "normalisation": {"method": "zscore"}},
+    "output": {"activation": "softmax", "findings": [
+        {"label": "A", "index": 0, "concept": {"value": "A", "scheme": "99TEST", "meaning": "A"}},
+        {"label": "B", "index": 1, "concept": {"value": "B", "scheme": "99TEST", "meaning": "B"}},
+    ]},
+}
+
+
+def tiny_onnx(path: Path) -> None:
+    """A real ONNX model: (N, 8, 8, 1) -> softmax over 2 classes."""
+    weights = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 64], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 8, 8, 1])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])], [weights, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def make_package(folder: Path, **changes) -> Path:
+    folder.mkdir(parents=True)
+    tiny_onnx(folder / "model.onnx")
+    manifest = copy.deepcopy(MANIFEST) | {"provenance": {
+        "source_framework": "onnx", "source_framework_version": onnx.__version__, "converter": "none",
+        "converter_version": "-", "opset": 17, "parity_max_abs_diff": 0.0, "parity_tolerance": 1e-4,
+        "sha256": sha256_of(folder / "model.onnx"), "built": "2026-11-22T00:00:00+00:00",
+        "source_file": "model.onnx", "source_sha256": sha256_of(folder / "model.onnx")}} | changes
+    (folder / "manifest.toml").write_text(tomli_w.dumps(manifest))
+    return folder
+
+
+def test_every_source_manifest_in_the_repository_is_valid():
+    names = [read_manifest(path).name for path in sorted(REPO.glob("models/*/manifest.toml"))]
+    assert names == ["cardiac-view", "cxr-findings", "lv-segmentation", "myo-segmentation", "retina-findings"]
+
+
+def test_demo_models_say_so():
+    for path in REPO.glob("models/*/manifest.toml"):
+        manifest = read_manifest(path)
+        assert manifest.demo in ("phantom", "random-weights")
+        assert "not for clinical use" in manifest.intended_use.lower()
+
+
+def _set(data: dict, dotted: str, value) -> dict:
+    data = copy.deepcopy(data)
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("name", None, "name: Field required"),
+    ("name", "Tiny Views", "name: String should match pattern"),
+    ("version", "1.0", "version: String should match pattern"),
+    ("task", "detection", "task: Input should be 'segmentation', 'classification' or 'landmarks'"),
+    ("inptu", {}, "inptu: unknown field"),
+    ("intended_use", "Research.", "intended_use of a demo model must say 'not for clinical use'"),
+    ("input.layout", "HWC", "input.layout: Input should be 'NHWC' or 'NCHW'"),
+    ("input.size", [8, 8, 8], "size is [rows, columns] for a slice model"),
+    ("input.normalisation", {"method": "window", "center": 40}, "input.normalisation: method 'window' needs width"),
+    ("input.channel_select", "green", "channel_select picks a colour channel, but photometric lists only monochrome"),
+    ("input.channels", 3, "channel_select feeds one channel"),
+    ("output.findings", [], "a classification model lists its output.findings"),
+    ("output.findings.1.index", 0, "output.findings: two entries share an index"),
+    ("output.findings.0.threshold", 1.5, "output.findings.0.threshold: Input should be less than 1"),
+    ("output.findings.0.concept.scheme", None, "output.findings.0.concept.scheme: Field required"),
+])
+def test_manifest_errors_name_the_field(tmp_path, field, value, message):
+    data = _set(MANIFEST, field, value)
+    if field == "input.channels":  # both at once: green of a three-channel input is a contradiction
+        data["input"] |= {"channel_select": "green", "photometric": ["RGB"]}
+    path = tmp_path / "manifest.toml"
+    path.write_text(tomli_w.dumps(data))
+    with pytest.raises(PackageError) as err:
+        read_manifest(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_segmentation_needs_segments_with_colours(tmp_path):
+    data = copy.deepcopy(MANIFEST) | {"task": "segmentation"}
+    data["output"] = {"activation": "softmax", "layout": "NHWC", "segments": [{
+        "label": "LV", "index": 1, "colour": [300, 0, 0],
+        "category": {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"},
+        "type": {"value": "87878005", "scheme": "SCT", "meaning": "Left ventricle"}}]}
+    path = tmp_path / "manifest.toml"
+    path.write_text(tomli_w.dumps(data))
+    with pytest.raises(PackageError, match=r"output\.segments\.0\.colour\.0: Input should be less than or equal to 255"):
+        read_manifest(path)
+
+
+def test_a_package_loads_and_its_session_is_created_once(tmp_path):
+    package = Package(make_package(tmp_path / "tiny-views"))
+    sessions = Sessions(RuntimeOptions(providers=("cpu",)))
+    model = sessions.get(package)
+    assert sessions.get(package) is model
+    out = model.run(np.zeros((3, 8, 8, 1), np.float32))
+    assert out.shape == (3, 2) and np.allclose(out.sum(axis=1), 1, atol=1e-6)
+
+
+def test_missing_onnx_file_is_named(tmp_path):
+    folder = make_package(tmp_path / "tiny-views")
+    (folder / "model.onnx").unlink()
+    with pytest.raises(PackageError, match=r"model tiny-views: .*model\.onnx is missing; rebuild the package"):
+        Package(folder).onnx_path()
+
+
+def test_changed_onnx_file_fails_its_sha256(tmp_path):
+    folder = make_package(tmp_path / "tiny-views")
+    with (folder / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(PackageError, match=r"has sha256 [0-9a-f]{12}\.\.\., the manifest says [0-9a-f]{12}\.\.\.; "
+                                           r"the file was changed or damaged after the build: rebuild it"):
+        Package(folder).onnx_path()
+
+
+def test_corrupt_onnx_file_is_refused_by_name(tmp_path):
+    folder = tmp_path / "tiny-views"
+    make_package(folder)
+    (folder / "model.onnx").write_bytes(b"this is not a protobuf")
+    data = tomllib.loads((folder / "manifest.toml").read_text())
+    data["provenance"]["sha256"] = sha256_of(folder / "model.onnx")  # as if built like this
+    (folder / "manifest.toml").write_text(tomli_w.dumps(data))
+    with pytest.raises(PackageError, match=r"model tiny-views: ONNX Runtime cannot load .*model\.onnx"):
+        Sessions(RuntimeOptions(providers=("cpu",))).get(Package(folder))
+
+
+def test_source_manifest_is_not_a_package(tmp_path):
+    folder = tmp_path / "lv-segmentation"
+    folder.mkdir()
+    (folder / "manifest.toml").write_text((REPO / "models/lv-segmentation/manifest.toml").read_text())
+    with pytest.raises(PackageError, match="is a source manifest, not a built package; run `machaon models build"):
+        Package(folder)
+
+
+def test_check_reports_the_providers_it_really_got(tmp_path):
+    make_package(tmp_path / "models" / "tiny-views")
+    done = run_machaon("models", "check", "tiny-views", "--runs", "3",
+                       env={"MACHAON_MODELS_PATH": str(tmp_path / "models")}, check=True)
+    assert "providers asked for: tensorrt, cuda, cpu" in done.stdout
+    # This machine has no GPU: onnxruntime-gpu falls back to the CPU, and the log says what was missing.
+    assert "providers in use:    CPUExecutionProvider" in done.stdout
+    assert "not available here: TensorrtExecutionProvider, CUDAExecutionProvider" in done.stderr
+    assert "input (1, 8, 8, 1) -> output (1, 2)" in done.stdout
+
+
+def test_list_shows_packages_and_names_broken_ones(tmp_path):
+    make_package(tmp_path / "models" / "tiny-views")
+    broken = make_package(tmp_path / "models" / "broken", name="broken", version="one")
+    done = run_machaon("models", "list", "--json", env={"MACHAON_MODELS_PATH": str(tmp_path / "models")})
+    listing = json.loads(done.stdout)
+    assert [m["name"] for m in listing["models"]] == ["tiny-views"]
+    assert listing["models"][0]["variants"] == ["fp32"]
+    assert listing["errors"] == [f"{broken / 'manifest.toml'}: version: String should match pattern '^\\d+\\.\\d+\\.\\d+$'"]
+    assert done.returncode == 1
+    assert find_packages(tmp_path / "nowhere") == ([], [])
+
+
+def test_unknown_package_lists_the_known_ones(tmp_path):
+    make_package(tmp_path / "models" / "tiny-views")
+    done = run_machaon("models", "check", "lv-segmentaion", env={"MACHAON_MODELS_PATH": str(tmp_path / "models")})
+    assert done.returncode == 1
+    assert f"no model package 'lv-segmentaion' in {tmp_path / 'models'} (there are: tiny-views)" in done.stderr
+
