@@ -43,6 +43,7 @@ def main() -> int:
     if legacy:
         os.environ["TF_USE_LEGACY_KERAS"] = "1"  # must be set before TensorFlow is imported
     import numpy as np
+    import onnx
     import tensorflow as tf
     import tf2onnx
 
@@ -69,7 +70,7 @@ def main() -> int:
         "source_framework_version": f"keras {keras.__version__}, tensorflow {tf.__version__}",
         "converter": "tf2onnx",
         "converter_version": tf2onnx.__version__,
-        "opset": args.opset,
+        "opset": onnx.load(str(args.out / "model.onnx")).opset_import[0].version,
     }
     (args.out / "info.json").write_text(json.dumps(info))
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -126,6 +127,7 @@ def training_data(manifest: Manifest, studies: int, seed: int) -> tuple[np.ndarr
 def _session(path: Path):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # its warnings about the graph are for the model's authors
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -300,5 +302,11 @@ def _to_int8(fp32: Path, out: Path, calibration: np.ndarray, work: Path) -> None
 
     prepared = work / "model.prepared.onnx"
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it warns once per 1-D weight that per-channel does not apply to
+    try:
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)

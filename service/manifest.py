@@ -137,7 +137,7 @@ class Source(_Strict):
     parity_tolerance: float = Field(1e-4, gt=0)
     data: Literal["phantom-sax", "phantom-views", "random"] = "random"  # parity and calibration inputs
     variants: list[Literal["fp16", "int8"]] = []
-    opset: int = Field(17, ge=11)
+    opset: int = Field(17, ge=11)  # for tf2onnx; mx.onnx chooses its own
 
     @model_validator(mode="after")
     def _has_model(self):
