@@ -44,7 +44,8 @@ def main() -> int:
     symbol = Path(f"{args.prefix}-symbol.json")
     params = sorted(symbol.parent.glob(f"{Path(args.prefix).name}-*.params"))
     if not symbol.is_file() or not params:
-        print(f"{args.prefix}: expected {symbol.name} and {Path(args.prefix).name}-NNNN.params", file=sys.stderr)
+        print(f"{args.prefix}: expected {symbol.name} and {Path(args.prefix).name}-NNNN.params",
+              file=sys.stderr)
         return 2
     x = np.load(args.inputs)["x"]
     net = mx.gluon.SymbolBlock.imports(str(symbol), ["data"], str(params[-1]))
@@ -53,7 +54,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     shape = tuple(x.shape[1:])
     mx.onnx.export_model(str(symbol), str(params[-1]), in_shapes=[(1, *shape)], in_types=[np.float32],
-                         onnx_file_path=str(args.out / "model.onnx"), dynamic=True, dynamic_input_shapes=[(None, *shape)])
+                         onnx_file_path=str(args.out / "model.onnx"),
+                         dynamic=True, dynamic_input_shapes=[(None, *shape)])
     _weights_are_not_inputs(args.out / "model.onnx")
     np.savez(args.out / "reference.npz", y=reference)
     info = {

@@ -65,8 +65,8 @@ class Environments:
                                  f"(first time only; pip output in {log})"):
             with log.open("w") as out:
                 for command in ([sys.executable, "-m", "venv", str(env)],
-                                [str(env / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                                 "-r", str(requirements)]):
+                                [str(env / "bin" / "python"), "-m", "pip", "install",
+                                 "--disable-pip-version-check", "-r", str(requirements)]):
                     if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode:
                         raise BuildError(f"creating the {framework} environment failed: "
                                          f"{' '.join(command[:4])}...; see {log}")
@@ -120,7 +120,8 @@ def training_data(manifest: Manifest, studies: int, seed: int) -> tuple[np.ndarr
     elif manifest.source.data == "phantom-views":
         images, labels = phantom.view_dataset(studies, seed, matrix=rows)
     else:
-        raise BuildError(f"{manifest.name}: source.data is {manifest.source.data!r}; there is nothing to train on")
+        raise BuildError(f"{manifest.name}: source.data is {manifest.source.data!r}: "
+                         "there is nothing to train on")
     return to_layout(normalise(images, manifest.input.normalisation), manifest.input), labels
 
 
@@ -137,7 +138,8 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     """ONNX Runtime's output for x, on the CPU, in batches of 8."""
     session = _session(path)
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + 8]})[0] for i in range(0, len(x), 8)]).astype(np.float32)
+    batches = [session.run(None, {name: x[i:i + 8]})[0] for i in range(0, len(x), 8)]
+    return np.concatenate(batches).astype(np.float32)
 
 
 class Builder:
@@ -158,28 +160,36 @@ class Builder:
         if manifest.name != name:
             raise BuildError(f"{folder / MANIFEST}: name is {manifest.name!r} but the folder is {name!r}")
         self.out.mkdir(parents=True, exist_ok=True)
+        # Work inside out/ so the finished package is moved into place by a rename.
         with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=self.out) as tmp:
             work = Path(tmp)
             self.console.print(f"[bold]{name}[/] {manifest.version} ({manifest.source.framework})")
             source_file = self._source_model(folder, manifest, work)
             fields = self._convert(manifest, source_file, work)
-            fields["variants"] = [self._variant(manifest, work, precision) for precision in manifest.source.variants]
-            evaluation = folder / EVALUATION_FILE
-            if evaluation.is_file():
-                fields["evaluation"] = Evaluation.model_validate_json(evaluation.read_text()).model_dump()
-            package_dir = work / "package"
-            package_dir.mkdir()
-            for file in ["model.onnx"] + [v["file"] for v in fields["variants"]]:
-                os.replace(work / file, package_dir / file)
-            built = manifest.model_dump(mode="json", exclude_none=True, exclude={"source"}) | fields
-            (package_dir / MANIFEST).write_text(_header(manifest) + tomli_w.dumps(built))
-            package = Package(package_dir)  # the package must read back as valid before it replaces the old one
+            fields["variants"] = [self._variant(manifest, work, p) for p in manifest.source.variants]
+            if (folder / EVALUATION_FILE).is_file():
+                evaluation = Evaluation.model_validate_json((folder / EVALUATION_FILE).read_text())
+                fields["evaluation"] = evaluation.model_dump()
+            package_dir = self._assemble(manifest, fields, work)
             target = self.out / name
             if target.exists():
-                shutil.rmtree(target)
+                os.replace(target, work / "previous")  # removed with the work folder
             os.replace(package_dir, target)
         self.console.print(f"  [green]built[/] {target}")
         return Package(target)
+
+    @staticmethod
+    def _assemble(manifest: Manifest, fields: dict, work: Path) -> Path:
+        """The package folder: ONNX files and the built manifest, which must read back as valid."""
+        package_dir = work / "package"
+        package_dir.mkdir()
+        for file in ["model.onnx"] + [v["file"] for v in fields["variants"]]:
+            os.replace(work / file, package_dir / file)
+        built = manifest.model_dump(mode="json", exclude_none=True, exclude={"source"}) | fields
+        built["output"] = {key: value for key, value in built["output"].items() if value != []}
+        (package_dir / MANIFEST).write_text(_header(manifest) + tomli_w.dumps(built))
+        Package(package_dir)
+        return package_dir
 
     def train(self, name: str, studies: int, holdout: int) -> None:
         """Train a demo model on phantoms with its source.train script; writes its weights and evaluation."""
@@ -205,8 +215,8 @@ class Builder:
         if source.recipe:
             made = work / source.file
             rows, columns = manifest.input.size[-2:]
-            self.envs.run(source.framework, folder / source.recipe, made, rows, columns, manifest.input.channels,
-                          what=f"making {source.file} with {source.recipe}")
+            self.envs.run(source.framework, folder / source.recipe, made, rows, columns,
+                          manifest.input.channels, what=f"making {source.file} with {source.recipe}")
             return made
         path = folder / source.file
         wanted = path.with_name(f"{path.name}-symbol.json") if source.framework == "mxnet" else path
@@ -218,26 +228,28 @@ class Builder:
         source = manifest.source
         x = sample_inputs(manifest, PARITY_SAMPLES, seed=1)
         np.savez(work / "inputs.npz", x=x)
-        script = converters_dir() / ("keras_to_onnx.py" if source.framework == "keras" else "mxnet_to_onnx.py")
-        self.envs.run(source.framework, script, source_file, work / "inputs.npz", work, "--opset", source.opset,
-                      what=f"converting {source_file.name} to ONNX")
+        script = converters_dir() / f"{source.framework}_to_onnx.py"
+        self.envs.run(source.framework, script, source_file, work / "inputs.npz", work,
+                      "--opset", source.opset, what=f"converting {source_file.name} to ONNX")
         info = json.loads((work / "info.json").read_text())
         reference = np.load(work / "reference.npz")["y"]
         with self.console.status("parity check: source framework against ONNX Runtime"):
             got = run_onnx(work / "model.onnx", x)
         if got.shape != reference.shape:
-            raise BuildError(f"parity check failed: ONNX output shape {got.shape}, source model {reference.shape}")
+            raise BuildError(f"parity check failed: ONNX output shape {got.shape}, "
+                             f"source model {reference.shape}")
         diff = float(np.abs(got - reference).max())
         if not diff <= source.parity_tolerance:
             raise BuildError(f"parity check failed: maximum absolute difference {diff:.3g} exceeds "
                              f"source.parity_tolerance {source.parity_tolerance:g}")
-        self.console.print(f"  parity: max |source - onnx| = {diff:.3g} (tolerance {source.parity_tolerance:g}) "
-                           f"on {len(x)} inputs")
+        self.console.print(f"  parity: max |source - onnx| = {diff:.3g} "
+                           f"(tolerance {source.parity_tolerance:g}) on {len(x)} inputs")
         source_hash = sha256_of(source_file if source_file.is_file() else
                                 source_file.with_name(f"{source_file.name}-symbol.json"))
         return {"provenance": info | {
             "parity_max_abs_diff": diff, "parity_tolerance": source.parity_tolerance,
-            "sha256": sha256_of(work / "model.onnx"), "built": datetime.now(UTC).isoformat(timespec="seconds"),
+            "sha256": sha256_of(work / "model.onnx"),
+            "built": datetime.now(UTC).isoformat(timespec="seconds"),
             "source_file": source.file, "source_sha256": source_hash}}
 
     def _variant(self, manifest: Manifest, work: Path, precision: str) -> dict:

@@ -226,9 +226,11 @@ def _models_list(settings: Settings, args) -> int:
     if args.json:
         print(json.dumps({"path": str(settings.models.path), "models": rows, "errors": errors}, indent=2))
     else:
-        table = Table("Name", "Version", "Task", "Input", "Variants", "Demo", "Parity", "Evaluation", box=None)
+        table = Table("Name", "Version", "Task", "Input", "Variants", "Demo", "Parity", "Evaluation",
+                      box=None)
         for r in rows:
-            evaluation = f"{r['evaluation']['metric']} {r['evaluation']['value']:.3f}" if r["evaluation"] else ""
+            scored = r["evaluation"]
+            evaluation = f"{scored['metric']} {scored['value']:.3f}" if scored else ""
             table.add_row(r["name"], r["version"], r["task"], r["input"], ", ".join(r["variants"]),
                           r["demo"] or "", f"{r['parity_max_abs_diff']:.1e}", evaluation)
         out.print(table if rows else f"no model packages in {settings.models.path} "

@@ -40,6 +40,7 @@ def _provider_list(options: RuntimeOptions) -> list:
     for short in options.providers:
         name = PROVIDER_NAMES[short]
         if short == "tensorrt" and options.cache_dir:
+            options.cache_dir.mkdir(parents=True, exist_ok=True)
             providers.append((name, {"trt_engine_cache_enable": True, "trt_fp16_enable": False,
                                      "trt_engine_cache_path": str(options.cache_dir)}))
         else:

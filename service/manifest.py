@@ -83,7 +83,8 @@ class InputSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self):
         if len(self.size) != (3 if self.kind == "volume" else 2):
-            raise ValueError("size is [rows, columns] for a slice model, [slices, rows, columns] for a volume")
+            raise ValueError("size is [rows, columns] for a slice model, "
+                             "[slices, rows, columns] for a volume")
         if self.channel_select and self.channels != 1:
             raise ValueError("channel_select feeds one channel: channels must be 1")
         if self.channel_select and all(p.startswith("MONOCHROME") for p in self.photometric):
@@ -244,7 +245,9 @@ def describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        problem = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        problem = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            problem = "unknown field"
         parts.append(f"{field}: {problem}")
     return "; ".join(parts)
 
@@ -281,7 +284,8 @@ class Package:
         actual = sha256_of(path)
         if actual != expected:
             raise PackageError(f"model {self.name}: {path} has sha256 {actual[:12]}..., the manifest says "
-                               f"{expected[:12]}...; the file was changed or damaged after the build: rebuild it")
+                               f"{expected[:12]}...; the file was changed or damaged after the build: "
+                               "rebuild it")
         return path
 
 

@@ -259,7 +259,8 @@ def write_study(folder: Path, seed: int, views: bool = True, patient_id: str | N
     sax_files, labels = [], []
     for index, d in enumerate(sax_depths(heart)):
         image, label = sax_slice(heart, float(d), rng)
-        # (cx, cy) is where the slice's own grid put the LV; the plane's origin follows.
+        # Every slice's centre lies on the line through `centre` along the normal;
+        # the heart's in-plane offset is drawn in the image itself.
         position = centre + corner * row + corner * column + float(d) * normal
         ds = study.image(image, uid("sax"), 1, "SAX cine (phantom)", uid("sax", index), index + 1,
                          position, row, column)
@@ -307,7 +308,8 @@ class _StudyHeader:
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop_uid
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
-        ds.StudyTime, ds.SeriesTime, ds.ContentTime = "080000", f"08{series_number:02d}00", f"08{series_number:02d}00"
+        ds.StudyTime = "080000"
+        ds.SeriesTime = ds.ContentTime = f"08{series_number:02d}00"
         ds.AccessionNumber, ds.Modality = f"PH{self.seed}", "MR"
         ds.Manufacturer = "machaon phantom"
         ds.InstitutionName = "Synthetic data, not a patient"
