@@ -141,3 +141,17 @@ def test_sample_inputs_follow_the_manifest():
     x = sample_inputs(manifest, 4, seed=1)
     assert x.shape == (4, 1, 128, 128) and x.dtype == np.float32
     assert abs(float(x.mean())) < 1e-3  # z-scored per image
+
+
+def test_train_writes_weights_and_evaluation_that_the_build_records(tmp_path):
+    """`machaon models train` on a copy: fresh phantoms, the model's own script, its score in the package."""
+    sources = copy_model(tmp_path / "src", "cardiac-view", **{"source.variants": []})
+    (sources / "cardiac-view" / "cardiac_view.keras").unlink()
+    (sources / "cardiac-view" / "evaluation.json").unlink()
+    done = run_machaon("models", "train", "cardiac-view", "--studies", "4", "--holdout", "2",
+                       "--source", str(sources), "--envs", str(ENVS), timeout=900)
+    assert done.returncode == 0, done.stderr
+    evaluation = json.loads((sources / "cardiac-view" / "evaluation.json").read_text())
+    assert evaluation["metric"] == "accuracy" and evaluation["samples"] == 2 * len(phantom.VIEWS)
+    package = Builder(sources, tmp_path / "built", ENVS, Console(quiet=True)).build("cardiac-view")
+    assert package.manifest.evaluation.value == evaluation["value"]
