@@ -95,26 +95,11 @@ class Environments:
             raise BuildError(f"{what} failed ({script.name} exited {done.returncode}):\n{tail}")
 
 
-def sample_inputs(manifest: Manifest, count: int, seed: int) -> np.ndarray:
-    """Model inputs for parity, calibration and evaluation, prepared as the manifest says."""
-    rows, columns = manifest.input.size[-2:]
-    data = manifest.source.data
-    if data != "random" and rows != columns:
-        raise BuildError(f"{manifest.name}: phantom data are square; input.size is {rows}x{columns}")
-    if data == "phantom-sax":
-        images, labels = phantom.sax_dataset(max(1, count // 6), seed, matrix=rows)
-        images = images[(labels == phantom.CAVITY).any(axis=(1, 2))][:count]  # slices through the LV
-    elif data == "phantom-views":
-        images = phantom.view_dataset(max(1, count // len(phantom.VIEWS)), seed, matrix=rows)[0][:count]
-    else:
-        shape = (count, rows, columns) + ((3,) if manifest.input.channels == 3 else ())
-        images = np.random.default_rng(seed).uniform(0, 4095, shape)
-    return to_layout(normalise(images, manifest.input.normalisation), manifest.input)
-
-
 def training_data(manifest: Manifest, studies: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Phantom images prepared as model input, with their labels (label maps, or view indices)."""
-    rows = manifest.input.size[-2]
+    rows, columns = manifest.input.size[-2:]
+    if rows != columns:
+        raise BuildError(f"{manifest.name}: phantom images are square; input.size is {rows}x{columns}")
     if manifest.source.data == "phantom-sax":
         images, labels = phantom.sax_dataset(studies, seed, matrix=rows)
     elif manifest.source.data == "phantom-views":
@@ -123,6 +108,21 @@ def training_data(manifest: Manifest, studies: int, seed: int) -> tuple[np.ndarr
         raise BuildError(f"{manifest.name}: source.data is {manifest.source.data!r}: "
                          "there is nothing to train on")
     return to_layout(normalise(images, manifest.input.normalisation), manifest.input), labels
+
+
+def sample_inputs(manifest: Manifest, count: int, seed: int) -> np.ndarray:
+    """Model inputs for parity, calibration and evaluation, prepared as the manifest says."""
+    data = manifest.source.data
+    if data == "random":
+        rows, columns = manifest.input.size[-2:]
+        shape = (count, rows, columns) + ((3,) if manifest.input.channels == 3 else ())
+        images = np.random.default_rng(seed).uniform(0, 4095, shape)
+        return to_layout(normalise(images, manifest.input.normalisation), manifest.input)
+    per_study = len(phantom.VIEWS) if data == "phantom-views" else 6
+    x, labels = training_data(manifest, max(1, count // per_study), seed)
+    if data == "phantom-sax":
+        x = x[(labels == phantom.CAVITY).any(axis=(1, 2))]  # slices through the LV
+    return x[:count]
 
 
 def _session(path: Path):
