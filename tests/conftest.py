@@ -1,24 +1,60 @@
-"""Shared fixtures: a PostgreSQL database per run, and `machaon serve` as a real process."""
+"""Shared fixtures: a PostgreSQL database per run, `machaon serve` as a real process,
+and model packages built from models/ in the real build environments."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+import tomli_w
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 MACHAON = str(Path(sys.executable).with_name("machaon"))
 # The server every store test also runs against; CI starts it (.ci/run).
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+REPO = Path(__file__).resolve().parents[1]
+# The build environments (TensorFlow, MXNet) the model tests use; created on first use.
+ENVS = Path(os.environ.get("MACHAON_TEST_ENVS", REPO / "build" / "envs"))
+
+
+def copy_model(sources: Path, name: str, **changes) -> Path:
+    """models/<name> copied under `sources`, with manifest fields changed ("input.size" = [64, 64])."""
+    folder = sources / name
+    shutil.copytree(REPO / "models" / name, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = tomllib.loads((folder / "manifest.toml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        manifest[section][key] = value
+    (folder / "manifest.toml").write_text(tomli_w.dumps(manifest))
+    return sources
+
+
+@pytest.fixture(scope="session")
+def built_models(tmp_path_factory):
+    """lv-segmentation and cxr-findings built as a user would, without variants (for speed)."""
+    from machaon.build import Builder
+    from rich.console import Console
+
+    sources = tmp_path_factory.mktemp("sources")
+    out = tmp_path_factory.mktemp("built")
+    builder = Builder(sources, out, ENVS, Console(quiet=True))
+    for name in ("lv-segmentation", "cxr-findings"):
+        copy_model(sources, name, **{"source.variants": []})
+        builder.build(name)
+    return out
 
 
 def free_port() -> int:

@@ -8,36 +8,20 @@ creates them. Large inputs are shrunk where the architecture allows, for speed.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tomli_w
-from conftest import run_machaon
+from conftest import ENVS, REPO, copy_model, run_machaon
 from machaon import phantom
 from machaon.build import Builder, BuildError, sample_inputs
 from machaon.inference import RuntimeOptions, Sessions, normalise, to_layout
 from machaon.manifest import Package, read_manifest
 from rich.console import Console
 
-REPO = Path(__file__).resolve().parents[1]
-ENVS = Path(os.environ.get("MACHAON_TEST_ENVS", REPO / "build" / "envs"))
 pytestmark = pytest.mark.converters
-
-
-def copy_model(sources: Path, name: str, **changes) -> Path:
-    """models/<name> copied under `sources`, with manifest fields changed ("input.size" = [64, 64])."""
-    folder = sources / name
-    shutil.copytree(REPO / "models" / name, folder, ignore=shutil.ignore_patterns("__pycache__"))
-    manifest = tomllib.loads((folder / "manifest.toml").read_text())
-    for dotted, value in changes.items():
-        section, key = dotted.split(".")
-        manifest[section][key] = value
-    (folder / "manifest.toml").write_text(tomli_w.dumps(manifest))
-    return sources
 
 
 @pytest.fixture

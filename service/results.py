@@ -1,0 +1,223 @@
+"""Model output as DICOM: Segmentation and TID 1500 Comprehensive 3D SR objects (highdicom).
+
+Each result goes into the source study as a new series. Its UIDs are derived
+from what produced it: the source series, the exact instances, the model's
+name and version, and the kind of result. A retry therefore re-creates the same
+objects, and the PACS keeps one copy of each; new images or a new model version
+give new UIDs (DESIGN rule 3).
+
+Every object names machaon and the model (Manufacturer, Software Versions,
+Algorithm Identification) and says it is an AI result, not for clinical use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from . import __version__
+from .manifest import Code, Manifest, Segment
+from .preprocess import Frame, Series
+
+MANUFACTURER = "machaon"
+NOT_CLINICAL = "AI result, not for clinical use"
+SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9801, 9802  # out of the way of scanner-assigned numbers
+MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+PROBABILITY = hd.sr.CodedConcept("PROB", "99MACHAON", "Model output probability")
+UNITY = hd.sr.CodedConcept("1", "UCUM", "no units")
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+def result_uid(series: Series, manifest: Manifest, kind: str) -> str:
+    """A UID that only these inputs, this model version and this kind of result produce."""
+    instances = "".join(sorted(ds.SOPInstanceUID for ds in series.datasets))
+    digest = hashlib.sha256(instances.encode()).hexdigest()
+    return generate_uid(entropy_srcs=[series.datasets[0].SeriesInstanceUID, digest,
+                                      manifest.name, manifest.version, kind])
+
+
+def _coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def _software(manifest: Manifest) -> list[str]:
+    return [f"machaon {__version__}", f"{manifest.name} {manifest.version}"]
+
+
+def _description(manifest: Manifest, kind: str) -> str:
+    return f"{manifest.name} {kind} ({NOT_CLINICAL})"[:64]
+
+
+def segmentation(series: Series, labels: np.ndarray, manifest: Manifest) -> hd.seg.Segmentation:
+    """A BINARY SEG with one frame per source frame and segment, empty frames included.
+
+    Empty frames are kept because some viewers align a SEG to its source by frame
+    index and shift it when they are left out.
+    """
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=manifest.name, version=manifest.version, family=codes.cid7162.ArtificialIntelligence,
+        source=MANUFACTURER)
+    descriptions = [_segment_description(number, segment, algorithm)
+                    for number, segment in enumerate(manifest.output.segments, start=1)]
+    masks = np.stack([labels == segment.index for segment in manifest.output.segments], axis=-1)
+    sources, masks = _in_source_order(series, masks)
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=result_uid(series, manifest, "seg-series"),
+        series_number=SEG_SERIES_NUMBER, sop_instance_uid=result_uid(series, manifest, "seg"),
+        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=manifest.name,
+        software_versions=_software(manifest), device_serial_number="0", omit_empty_frames=False,
+        content_label="MACHAON_AI", content_description=NOT_CLINICAL,
+        series_description=_description(manifest, "SEG"))
+
+
+def _segment_description(number: int, segment: Segment, algorithm) -> hd.seg.SegmentDescription:
+    # A recommended display colour: without one, viewers warn or pick their own.
+    return hd.seg.SegmentDescription(
+        segment_number=number, segment_label=segment.label,
+        segmented_property_category=_coded(segment.category), segmented_property_type=_coded(segment.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor.from_rgb(*segment.colour))
+
+
+def _in_source_order(series: Series, masks: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
+    """One mask per source image, or per frame of one multi-frame image, in the source's own order."""
+    datasets = series.datasets
+    if len(datasets) == len(series.frames):
+        return [frame.dataset for frame in series.frames], masks
+    if len(datasets) == 1:
+        ordered = np.zeros_like(masks)
+        for i, frame in enumerate(series.frames):
+            ordered[frame.number - 1] = masks[i]
+        return datasets, ordered
+    raise ValueError("a series of several multi-frame instances cannot be segmented as one stack")
+
+
+def segmentation_report(series: Series, labels: np.ndarray, seg: hd.seg.Segmentation,
+                        manifest: Manifest) -> hd.sr.Comprehensive3DSR:
+    """TID 1500 measurements of each segment: its area on each slice (mm²) and, for a stack,
+    its volume (ml), from Pixel Spacing and the spacing of the slices along their normal."""
+    groups = []
+    if series.pixel_spacing:  # without geometry there is nothing to measure in mm
+        pixel_mm2 = series.pixel_spacing[0] * series.pixel_spacing[1]
+        frames = _seg_frames(seg)
+        for number, segment in enumerate(manifest.output.segments, start=1):
+            mask = labels == segment.index
+            for i, frame in enumerate(series.frames):
+                if mask[i].any():
+                    seg_frame = frames[number, frame.dataset.SOPInstanceUID, frame.number]
+                    groups.append(_area(series, manifest, seg, segment, number, i, frame, seg_frame,
+                                        float(mask[i].sum()) * pixel_mm2))
+            if series.slice_spacing:
+                volume_ml = float(mask.sum()) * pixel_mm2 * abs(series.slice_spacing) / 1000.0
+                groups.append(_volume(series, manifest, seg, segment, number, volume_ml))
+    report = _report(series, manifest, groups, evidence=[*series.datasets, seg])
+    _frame_references_only(report)
+    return report
+
+
+def _area(series: Series, manifest: Manifest, seg: Dataset, segment: Segment, number: int, index: int,
+          frame: Frame, seg_frame: int, area_mm2: float):
+    ds = frame.dataset
+    frames = [frame.number] if frame.number else None
+    source = hd.sr.SourceImageForSegmentation(ds.SOPClassUID, ds.SOPInstanceUID,
+                                              referenced_frame_numbers=frames)
+    tracking = hd.sr.TrackingIdentifier(uid=result_uid(series, manifest, f"area-{number}-{index}"),
+                                        identifier=f"{segment.label} slice {index + 1}")
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_segment=hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=seg_frame,
+            segment_number=number, source_image=source),
+        finding_type=_coded(segment.type),
+        measurements=[hd.sr.Measurement(name=codes.SCT.Area, value=round(area_mm2, 2),
+                                        unit=codes.UCUM.SquareMillimeter, algorithm_id=_algorithm(manifest))])
+
+
+def _volume(series: Series, manifest: Manifest, seg: Dataset, segment: Segment, number: int,
+            volume_ml: float):
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(series, manifest, f"volume-{number}"),
+                                                     identifier=f"{segment.label} volume"),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(series.datasets[0].SeriesInstanceUID)),
+        finding_type=_coded(segment.type),
+        measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=round(volume_ml, 2), unit=MILLILITRE,
+                                        algorithm_id=_algorithm(manifest))])
+
+
+def _seg_frames(seg: hd.seg.Segmentation) -> dict[tuple[int, str, int | None], int]:
+    """(segment number, source SOP Instance UID, source frame number) -> the SEG's frame number."""
+    frames = {}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    for number, groups in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        # With one segment, highdicom puts its identification in the shared groups.
+        identification = groups.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+        source = groups.DerivationImageSequence[0].SourceImageSequence[0]
+        source_frame = source.get("ReferencedFrameNumber")
+        key = (identification[0].ReferencedSegmentNumber, source.ReferencedSOPInstanceUID,
+               int(source_frame) if source_frame else None)
+        frames[key] = number
+    return frames
+
+
+def _frame_references_only(item: Dataset) -> None:
+    """A reference to a SEG frame names the frame, and the segment follows from it; the SR IOD
+    forbids Referenced Segment Number beside Referenced Frame Number, which highdicom writes."""
+    for reference in item.get("ReferencedSOPSequence", []):
+        if "ReferencedFrameNumber" in reference and "ReferencedSegmentNumber" in reference:
+            del reference.ReferencedSegmentNumber
+    for child in item.get("ContentSequence", []):
+        _frame_references_only(child)
+
+
+def classification_report(series: Series, probabilities: np.ndarray,
+                          manifest: Manifest) -> hd.sr.Comprehensive3DSR:
+    """TID 1500 with one group per finding: its coded concept, the probability as a measurement
+    and whether it reached the manifest's threshold. Several images are summarised by the
+    highest probability (a finding seen on any image of the series)."""
+    per_finding = probabilities.max(axis=0)
+    sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in series.datasets]
+    groups = []
+    for finding in manifest.output.findings:
+        probability = float(per_finding[finding.index])
+        present = probability >= finding.threshold
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=result_uid(series, manifest, f"finding-{finding.index}"), identifier=finding.label),
+            finding_type=_coded(finding.concept), algorithm_id=_algorithm(manifest),
+            measurements=[hd.sr.Measurement(name=PROBABILITY, value=round(probability, 4), unit=UNITY,
+                                            algorithm_id=_algorithm(manifest))],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=_coded(finding.concept), value=codes.SCT.Present if present else codes.SCT.Absent)],
+            source_images=sources))
+    return _report(series, manifest, groups, evidence=series.datasets)
+
+
+def _algorithm(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=manifest.name, version=manifest.version)
+
+
+def _report(series: Series, manifest: Manifest, groups: list,
+            evidence: list[Dataset]) -> hd.sr.Comprehensive3DSR:
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=["machaon device", manifest.name, manifest.version]),
+            name=MANUFACTURER, manufacturer_name=MANUFACTURER,
+            model_name=f"{manifest.name} {manifest.version}"))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=IMAGING_PROCEDURE, imaging_measurements=groups)
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report, series_instance_uid=result_uid(series, manifest, "sr-series"),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(series, manifest, "sr"),
+        instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+        series_description=_description(manifest, "SR"), software_versions=_software(manifest),
+        manufacturer_model_name=manifest.name)
