@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=10)
     p.set_defaults(run=_models_check)
 
+    rules = sub.add_parser("rules", help="routing rules").add_subparsers(required=True, metavar="ACTION")
+    p = rules.add_parser("test", parents=[common], help="which rules match a study: a folder or file "
+                         "of DICOM, or a received study's UID")
+    p.add_argument("target", metavar="PATH_OR_STUDY_UID")
+    p.set_defaults(run=_rules_test)
+
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (AET@HOST:PORT)")
     p.add_argument("target", metavar="AET@HOST:PORT")
     p.add_argument("--timeout", type=float, default=10, help="seconds (default 10)")
@@ -280,6 +286,41 @@ def _models_check(settings: Settings, args) -> int:
     out.print(f"  session created in {model.load_seconds * 1000:.0f} ms; first run {first * 1000:.1f} ms; "
               f"median of {args.runs} runs {np.median(times) * 1000:.1f} ms "
               f"({args.batch / np.median(times):.1f} images/s at batch {args.batch})")
+    return 0
+
+
+def _rules_test(settings: Settings, args) -> int:
+    from pathlib import Path
+
+    from .rules import explain, series_in_folder, series_in_store
+    if Path(args.target).exists():
+        found = series_in_folder(Path(args.target))
+    else:
+        from .serve import open_spool, open_store
+        store = open_store(settings)
+        with store.read_session() as session:
+            found = series_in_store(session, open_spool(settings), args.target)
+        store.dispose()
+        if found is None:
+            return _fail(f"{args.target} is neither a path nor a received study's UID")
+    if not found:
+        return _fail(f"no DICOM series in {args.target}")
+    if not settings.rules:
+        out.print("no rules are configured ([[rules]] in the configuration)")
+    for facts in found:
+        out.print(f"[bold]series[/] {facts.series_uid}: {facts.modality}, {facts.series_description!r}, "
+                  f"{facts.slices} images of {facts.rows}x{facts.columns}")
+        matched = False
+        for rule in sorted(settings.rules, key=lambda r: -r.priority):
+            why = explain(rule, facts)
+            matched = matched or not why
+            if why:
+                out.print(f"  [red]no[/]    {rule.name}: {'; '.join(why)}")
+            else:
+                out.print(f"  [green]match[/] {rule.name} (priority {rule.priority}): models "
+                          f"{', '.join(rule.models)} -> {', '.join(rule.destinations) or 'no destination'}")
+        if not matched:
+            out.print("  no rule matched: nothing will run on this series")
     return 0
 
 

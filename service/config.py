@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .rules import Rule
+
 ENV_PREFIX = "MACHAON_"
 # Variables with the prefix that are not settings.
 ENV_NOT_SETTINGS = {"MACHAON_CONFIG"}
@@ -108,6 +110,7 @@ class Settings(_Section):
     completion: CompletionSettings = CompletionSettings()
     models: ModelSettings = ModelSettings()
     inference: InferenceSettings = InferenceSettings()
+    rules: list[Rule] = []
     log: LogSettings = LogSettings()
 
     # Where each key's value came from ("dicom.port" -> "/etc/machaon.toml"),

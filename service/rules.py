@@ -1,0 +1,159 @@
+"""Routing rules: which models a completed series gets, and where the results go.
+
+A rule matches a series when every condition it sets holds: Modality, SOP Class,
+Series Description and Protocol Name (regular expressions, searched
+case-insensitively), Body Part Examined, Image Type values, the calling AE
+title, and the geometry (number of slices, in-plane size). A series that matches
+no rule is recorded as such: that is not an error. `explain` says, for each
+rule, why it does not match, which is what `machaon rules test` prints.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import pydicom
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_check_regex)]
+
+
+class Match(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modality: list[str] = []  # any of these
+    sop_class: list[str] = []  # every instance of the series in one of these
+    series_description: Regex | None = None
+    protocol_name: Regex | None = None
+    body_part: list[str] = []  # any of these, case-insensitive
+    image_type: list[str] = []  # all of these among the Image Type values
+    calling_aet: list[str] = []  # any of these sent the series
+    min_slices: int | None = Field(None, ge=1)
+    max_slices: int | None = Field(None, ge=1)
+    min_size: int | None = Field(None, ge=1)  # rows and columns at least
+    max_size: int | None = Field(None, ge=1)  # rows and columns at most
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    destinations: list[str] = []
+    priority: int = 0  # higher runs first
+    match: Match = Match()
+
+
+@dataclass
+class SeriesFacts:
+    """What the rules look at, gathered from a series' headers and how it arrived."""
+
+    series_uid: str
+    modality: str = ""
+    sop_classes: set[str] = field(default_factory=set)
+    series_description: str = ""
+    protocol_name: str = ""
+    body_part: str = ""
+    image_type: tuple[str, ...] = ()
+    calling_aets: set[str] = field(default_factory=set)
+    slices: int = 0  # frames, counting every frame of a multi-frame object
+    rows: int = 0
+    columns: int = 0
+
+    @classmethod
+    def from_headers(cls, headers: list[Dataset], calling_aets: Iterable[str] = ()) -> SeriesFacts:
+        first = headers[0]
+        return cls(
+            series_uid=str(first.get("SeriesInstanceUID", "")), modality=str(first.get("Modality", "")),
+            sop_classes={str(ds.get("SOPClassUID", "")) for ds in headers},
+            series_description=str(first.get("SeriesDescription", "")),
+            protocol_name=str(first.get("ProtocolName", "")),
+            body_part=str(first.get("BodyPartExamined", "")),
+            image_type=tuple(str(v) for v in (first.get("ImageType") or [])),
+            calling_aets=set(calling_aets),
+            slices=sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers),
+            rows=int(first.get("Rows", 0) or 0), columns=int(first.get("Columns", 0) or 0))
+
+
+def explain(rule: Rule, facts: SeriesFacts) -> list[str]:
+    """Why `rule` does not match the series; empty when it matches."""
+    m, why = rule.match, []
+    if m.modality and facts.modality not in m.modality:
+        why.append(f"modality is {facts.modality or 'missing'}, not {' or '.join(m.modality)}")
+    if m.sop_class and not facts.sop_classes <= set(m.sop_class):
+        why.append(f"SOP class {', '.join(sorted(facts.sop_classes - set(m.sop_class)))} is not listed")
+    for name, pattern, value in (("series description", m.series_description, facts.series_description),
+                                 ("protocol name", m.protocol_name, facts.protocol_name)):
+        if pattern is not None and not re.search(pattern, value, re.IGNORECASE):
+            why.append(f"{name} {value!r} does not match /{pattern}/")
+    if m.body_part and facts.body_part.upper() not in {b.upper() for b in m.body_part}:
+        why.append(f"body part is {facts.body_part or 'missing'}, not {' or '.join(m.body_part)}")
+    missing = [v for v in m.image_type if v.upper() not in {t.upper() for t in facts.image_type}]
+    if missing:
+        image_type = "\\".join(facts.image_type) or "missing"
+        why.append(f"image type {image_type} lacks {', '.join(missing)}")
+    if m.calling_aet and not facts.calling_aets & set(m.calling_aet):
+        why.append(f"sent by {', '.join(sorted(facts.calling_aets)) or 'unknown'}, "
+                   f"not {' or '.join(m.calling_aet)}")
+    if m.min_slices and facts.slices < m.min_slices:
+        why.append(f"{facts.slices} slices, fewer than {m.min_slices}")
+    if m.max_slices and facts.slices > m.max_slices:
+        why.append(f"{facts.slices} slices, more than {m.max_slices}")
+    size = f"{facts.rows}x{facts.columns}"
+    if m.min_size and min(facts.rows, facts.columns) < m.min_size:
+        why.append(f"images are {size}, smaller than {m.min_size}")
+    if m.max_size and max(facts.rows, facts.columns) > m.max_size:
+        why.append(f"images are {size}, larger than {m.max_size}")
+    return why
+
+
+def matching(rules: list[Rule], facts: SeriesFacts) -> list[Rule]:
+    """The rules that match the series, highest priority first."""
+    return sorted((r for r in rules if not explain(r, facts)), key=lambda r: -r.priority)
+
+
+def series_in_folder(path: Path) -> list[SeriesFacts]:
+    """The series of the DICOM files under `path` (a file or a folder, searched recursively)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    headers: dict[str, list[Dataset]] = defaultdict(list)
+    for file in files:
+        try:
+            ds = pydicom.dcmread(file, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue  # not DICOM: a folder of studies often holds other files too
+        if "SeriesInstanceUID" in ds:
+            headers[str(ds.SeriesInstanceUID)].append(ds)
+    return [SeriesFacts.from_headers(h) for h in headers.values()]
+
+
+def series_in_store(session, spool, study_uid: str) -> list[SeriesFacts] | None:
+    """The series of a received study, read from the spool; None if the study is unknown."""
+    from sqlalchemy import select
+
+    from .store import Series, Study
+
+    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+    if study is None:
+        return None
+    found = []
+    for series in session.execute(select(Series).where(Series.study_id == study.id)).scalars():
+        headers = [pydicom.dcmread(spool.path(i.path), stop_before_pixels=True) for i in series.instances]
+        if headers:
+            found.append(SeriesFacts.from_headers(headers, {i.calling_ae for i in series.instances}))
+    return found
