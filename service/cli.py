@@ -110,7 +110,7 @@ def _setup_logging(settings: Settings) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     # Their INFO lines are per PDU and per scheduler tick; ours summarise them.
     quiet = logging.DEBUG if level == logging.DEBUG else logging.WARNING
-    for noisy in ("pynetdicom", "apscheduler", "alembic"):
+    for noisy in ("pynetdicom", "apscheduler", "alembic", "highdicom"):
         logging.getLogger(noisy).setLevel(quiet)
 
 
@@ -180,6 +180,13 @@ def _studies_show(settings: Settings, args) -> int:
         series.add_row(s["modality"] or "", str(s["series_number"] or ""), s["series_description"] or "",
                        str(s["instance_count"]), s["status"], s["series_uid"])
     out.print(series)
+    if study["jobs"]:
+        jobs = Table("Job", "Model", "Rule", "Status", "Attempts", "Error / results", box=None)
+        for j in study["jobs"]:
+            detail = j["error"] or ", ".join(f"{r['kind']} -> " + ", ".join(
+                f"{d['destination']} {d['status']}" for d in r["deliveries"]) for r in j["results"])
+            jobs.add_row(str(j["id"]), j["model"], j["rule"] or "", j["status"], str(j["attempts"]), detail)
+        out.print(jobs)
     events = Table("When (UTC)", "Who", "What", "Detail", box=None)
     for e in study["events"]:
         events.add_row(e["at"][:23].replace("T", " "), e["actor"], e["action"],

@@ -14,7 +14,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .rules import Rule
 
@@ -99,6 +107,38 @@ class InferenceSettings(_Section):
                               self.tensorrt_cache)
 
 
+class FolderDestination(_Section):
+    """Results written as files: <path>/<study>/<series>/<instance>.dcm."""
+
+    type: Literal["folder"]
+    path: Path
+
+
+class DicomDestination(_Section):
+    """A DICOM node (a PACS) that receives results by C-STORE."""
+
+    type: Literal["dicom"]
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    timeout: float = Field(30, gt=0)
+
+
+Destination = Annotated[FolderDestination | DicomDestination, Field(discriminator="type")]
+
+
+class WorkerSettings(_Section):
+    threads: int = Field(1, ge=0)  # jobs run at once in this process; 0 runs none
+    batch_size: int = Field(8, ge=1)  # slices per ONNX Runtime call
+    lease: float = Field(300, gt=0)  # seconds a job is ours without renewal
+
+
+class DispatchSettings(_Section):
+    check_every: float = Field(2, gt=0)
+    retry_initial: float = Field(10, gt=0)  # seconds before the first retry; doubles each time
+    retry_max: float = Field(600, gt=0)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -111,11 +151,24 @@ class Settings(_Section):
     models: ModelSettings = ModelSettings()
     inference: InferenceSettings = InferenceSettings()
     rules: list[Rule] = []
+    destinations: dict[str, Destination] = {}
+    worker: WorkerSettings = WorkerSettings()
+    dispatch: DispatchSettings = DispatchSettings()
     log: LogSettings = LogSettings()
 
     # Where each key's value came from ("dicom.port" -> "/etc/machaon.toml"),
     # for error messages raised after validation (port in use, ...).
     sources: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="after")
+    def _rules_name_known_destinations(self):
+        for i, rule in enumerate(self.rules):
+            unknown = [d for d in rule.destinations if d not in self.destinations]
+            if unknown:
+                known = ", ".join(sorted(self.destinations)) or "none"
+                raise ValueError(f"rules.{i}.destinations: {', '.join(unknown)} is not a configured "
+                                 f"destination ([destinations.NAME]; configured: {known})")
+        return self
 
     def source_of(self, key: str) -> str:
         return self.sources.get(key, "the built-in default")

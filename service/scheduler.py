@@ -8,24 +8,32 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from .completion import run_completion
 from .config import Settings
+from .dispatch import run_dispatch
 from .spool import Spool
 from .store import Store
+from .worker import Workers, plan_jobs
 
 # How often unfinished transfers are looked for.
 SWEEP_EVERY_S = 300
 
 
 def build_scheduler(settings: Settings, store: Store, spool: Spool,
-                    studies_in_flight: Callable[[], Collection[str]]) -> BackgroundScheduler:
+                    studies_in_flight: Callable[[], Collection[str]],
+                    workers: Workers) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(
         timezone="UTC",
         # One run at a time per job; a run missed while busy is skipped, not
         # queued. A job that raises is logged by APScheduler and runs again.
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
-    scheduler.add_job(run_completion, "interval", id="completion",
-                      seconds=settings.completion.check_every,
-                      args=[store, settings.completion, studies_in_flight])
+    def complete_and_plan():
+        run_completion(store, settings.completion, studies_in_flight)
+        if plan_jobs(store, spool, settings.rules):
+            workers.wake()
+
+    scheduler.add_job(complete_and_plan, "interval", id="completion", seconds=settings.completion.check_every)
+    scheduler.add_job(run_dispatch, "interval", id="dispatch", seconds=settings.dispatch.check_every,
+                      args=[settings, store, spool])
     # A transfer being written touches its file with every PDU, and pynetdicom
     # drops an association silent for network_timeout: a file untouched for
     # twice that belongs to no live association.

@@ -1,7 +1,7 @@
-"""`machaon serve`: the DICOM listener and the scheduler in one process.
+"""`machaon serve`: the DICOM listener, the scheduler, the workers and the dispatcher in one process.
 
-Start-up checks everything an operator can get wrong (spool, database, port)
-and stops with one message naming the setting, before accepting anything.
+Start-up checks everything an operator can get wrong (models, spool, database,
+port) and stops with one message naming the setting, before accepting anything.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ import time
 import sqlalchemy.exc
 
 from .config import Settings
+from .inference import Sessions
+from .manifest import PackageError, load_package
 from .scheduler import build_scheduler
 from .scp import StorageSCP
 from .spool import Spool, SpoolError
 from .store import SchemaError, Store, check_schema
+from .worker import Runner, Workers
 
 log = logging.getLogger("machaon.serve")
 
@@ -86,7 +89,18 @@ def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+def check_models(settings: Settings) -> None:
+    """Every model a rule names must be a usable package before anything is accepted."""
+    for i, rule in enumerate(settings.rules):
+        for model in rule.models:
+            try:
+                load_package(settings.models.path, model)
+            except PackageError as exc:
+                raise settings.error(f"rules.{i}.models", f"{exc}") from None
+
+
 def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event) -> None:
+    check_models(settings)
     spool = open_spool(settings)
     store = open_store(settings)
     try:
@@ -95,11 +109,15 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event) 
         # Once the port is ours, no other machaon is using this spool: what
         # incoming/ held before we started was never acknowledged.
         spool.sweep_incoming(untouched_for_s=time.time() - started)
-        scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight)
+        workers = Workers(Runner(settings, store, spool, Sessions(settings.inference.runtime_options())),
+                          settings.worker.threads)
+        workers.start()
+        scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight, workers)
         scheduler.start()
         while not stopping.wait(1):
             pass
         scp.stop(settings.dicom.shutdown_grace, hurry)
         scheduler.shutdown(wait=True)
+        workers.stop()
     finally:
         store.dispose()

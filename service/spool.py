@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +83,21 @@ class Spool:
         _fsync_dir(final.parent)
         return size
 
+    @staticmethod
+    def result_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        return f"results/{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
+
+    def write(self, ds, relative: str) -> int:
+        """Durably write a dataset we made (a result) under `relative`; returns its size."""
+        fd, temporary = tempfile.mkstemp(dir=self.incoming, suffix=".dcm")
+        os.close(fd)
+        try:
+            ds.save_as(temporary, enforce_file_format=True)
+            return self.keep(Path(temporary), relative)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
     def remove(self, relative: str) -> None:
         """Best effort: a copy that cannot be removed is logged, not raised."""
         try:
@@ -106,6 +122,20 @@ class Spool:
         if removed:
             log.info("removed %d unfinished transfer(s) from %s", removed, self.incoming)
         return removed
+
+
+def copy_durably(source: Path, target: Path) -> None:
+    """Copy a file so that `target` is either absent or whole and on disk, even after a crash."""
+    _make_dirs_durably(target.parent)
+    temporary = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, temporary)
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, target)
+    _fsync_dir(target.parent)
 
 
 def _make_dirs_durably(folder: Path) -> None:

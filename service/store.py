@@ -26,6 +26,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     bindparam,
     create_engine,
     event,
@@ -68,6 +69,8 @@ class Study(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     # How many times the study was completed: 2 means it was reopened once.
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
+    # How many of those completions have had their jobs planned (rules applied).
+    planned_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
 
@@ -108,7 +111,11 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
     model: Mapped[str] = mapped_column(String(64))
+    rule: Mapped[str | None] = mapped_column(String(64))
+    # The study's completion this job was planned for: a reopened study gets new jobs.
+    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     status: Mapped[str] = mapped_column(String(16), index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -130,6 +137,21 @@ class Result(Base):
     series_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Delivery(Base):
+    """One result to one destination: pending until the destination acknowledged it."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
+    destination: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Event(Base):
@@ -414,6 +436,28 @@ def list_studies(session: Session, status: str | None = None, limit: int | None 
     return [_study_dict(s, n_series, n_inst) for s, n_series, n_inst in session.execute(query)]
 
 
+def _jobs(session: Session, study_id: int) -> list[dict]:
+    jobs = session.execute(select(Job).where(Job.study_id == study_id).order_by(Job.id)).scalars()
+    listed = []
+    for job in jobs:
+        results = session.execute(select(Result).where(Result.job_id == job.id).order_by(Result.id)).scalars()
+        listed.append({
+            "id": job.id, "model": job.model, "rule": job.rule, "generation": job.generation,
+            "status": job.status, "attempts": job.attempts, "error": job.error,
+            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+            "finished_at": _iso(job.finished_at),
+            "results": [{
+                "kind": r.kind, "sop_instance_uid": r.sop_instance_uid, "series_uid": r.series_uid,
+                "path": r.path,
+                "deliveries": [{"destination": d.destination, "status": d.status, "attempts": d.attempts,
+                                "last_error": d.last_error, "sent_at": _iso(d.sent_at)}
+                               for d in session.execute(select(Delivery).where(Delivery.result_id == r.id)
+                                                        .order_by(Delivery.id)).scalars()],
+            } for r in results],
+        })
+    return listed
+
+
 def show_study(session: Session, study_uid: str) -> dict | None:
     """One study with its series, instances and event history; None if unknown."""
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
@@ -439,6 +483,7 @@ def show_study(session: Session, study_uid: str) -> dict | None:
     ).scalars()
     result = _study_dict(study, len(series), sum(s["instance_count"] for s in series))
     result["series"] = series
+    result["jobs"] = _jobs(session, study.id)
     result["events"] = [{"at": _iso(e.at), "actor": e.actor, "action": e.action,
                          "detail": json.loads(e.detail) if e.detail else {}} for e in events]
     return result

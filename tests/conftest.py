@@ -116,7 +116,7 @@ def run_machaon(*args: str, env: dict | None = None, check: bool = False,
 class Server:
     """`machaon serve` running as its own process, as an operator would run it."""
 
-    def __init__(self, workdir: Path, db_url: str, settings: dict[str, dict]):
+    def __init__(self, workdir: Path, db_url: str, settings: dict[str, dict], extra: str = ""):
         self.workdir = workdir
         self.port = free_port()
         self.db_url = db_url
@@ -133,7 +133,7 @@ class Server:
         self.config = workdir / "machaon.toml"
         self.config.write_text("".join(
             f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
-            for name, values in sections.items()))
+            for name, values in sections.items()) + extra)  # extra: TOML tables such as [[rules]]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Server:
@@ -198,13 +198,13 @@ def serve(tmp_path):
     """Start `machaon serve` with extra settings; every server is stopped after the test."""
     servers: list[Server] = []
 
-    def start(db_url: str | None = None, workdir: Path | None = None, **settings) -> Server:
+    def start(db_url: str | None = None, workdir: Path | None = None, extra: str = "", **settings) -> Server:
         workdir = workdir or tmp_path / f"server{len(servers)}"
         workdir.mkdir(exist_ok=True)
         if db_url is None:
             db_url = f"sqlite:///{workdir}/machaon.db"
             run_machaon("db", "upgrade", env={"MACHAON_DATABASE_URL": db_url}, check=True)
-        server = Server(workdir, db_url, settings)
+        server = Server(workdir, db_url, settings, extra)
         servers.append(server)
         return server.start()
 

@@ -1,0 +1,142 @@
+"""The main job, end to end: a study arrives by C-STORE, completes, its rules queue jobs, the
+model runs, and the SEG and SR reach their destination; failures are kept on the job."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import highdicom as hd
+import pydicom
+import pytest
+from conftest import acknowledged, free_port, storescu
+from machaon import phantom
+
+RULES = '''
+[[rules]]
+name = "lv"
+models = ["lv-segmentation"]
+destinations = ["{destination}"]
+match = {{ modality = ["MR"], series_description = "sax", min_slices = 3 }}
+'''
+
+
+def folder_setup(tmp_path) -> str:
+    return RULES.format(destination="out") + f'[destinations.out]\ntype = "folder"\npath = "{tmp_path / "out"}"\n'
+
+
+def jobs_of(server, study_uid: str) -> list[dict]:
+    study = server.study(study_uid)
+    return study["jobs"] if study else []
+
+
+def finished(server, study_uid: str, count: int = 1):
+    def check():
+        jobs = jobs_of(server, study_uid)
+        done = [j for j in jobs if j["status"] in ("succeeded", "failed")]
+        return done if len(done) >= count else None
+    return server.wait_for(check, timeout=60, what=f"{count} finished job(s) for {study_uid}")
+
+
+def delivered(server, study_uid: str):
+    def check():
+        results = [r for j in jobs_of(server, study_uid) for r in j["results"]]
+        ok = results and all(d["status"] == "sent" for r in results for d in r["deliveries"])
+        return results if ok else None
+    return server.wait_for(check, timeout=60, what=f"results of {study_uid} delivered")
+
+
+def test_phantom_study_gets_a_seg_and_sr_in_the_folder(serve, built_models, tmp_path):
+    study = phantom.write_study(tmp_path / "study", seed=31)
+    server = serve(models={"path": str(built_models)}, extra=folder_setup(tmp_path))
+    sent = storescu(server.port, *study.sax_files, *study.view_files.values(), aet="MRI1")
+    assert acknowledged(sent.stderr) == phantom.SAX_SLICES + 3
+    [job] = finished(server, study.study_uid)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["model"] == "lv-segmentation" and job["rule"] == "lv"  # the long-axis views matched no rule
+    results = delivered(server, study.study_uid)
+    assert sorted(r["kind"] for r in results) == ["seg", "sr"]
+
+    files = sorted((tmp_path / "out" / study.study_uid).rglob("*.dcm"))
+    assert len(files) == 2
+    for path in files:
+        if shutil.which("dciodvfy"):
+            checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+            assert not [x for x in (checked.stdout + checked.stderr).splitlines() if x.startswith("Error")]
+    seg = next(hd.seg.segread(p) for p in files if pydicom.dcmread(p).Modality == "SEG")
+    mask = seg.get_pixels_by_source_instance(
+        [pydicom.dcmread(p).SOPInstanceUID for p in study.sax_files], segment_numbers=[1]).squeeze(-1)
+    truth = study.sax_labels == phantom.CAVITY
+    assert 2 * (mask.astype(bool) & truth).sum() / (mask.sum() + truth.sum()) >= 0.9
+    sr = next(hd.sr.srread(p) for p in files if pydicom.dcmread(p).Modality == "SR")
+    [volume] = sr.content.get_volumetric_roi_measurement_groups()
+    assert volume.get_measurements()[0].value == pytest.approx(study.cavity_volume_ml, rel=0.10)
+
+
+def test_bad_study_fails_its_job_with_a_reason_and_a_good_one_still_succeeds(serve, built_models, tmp_path):
+    good = phantom.write_study(tmp_path / "good", seed=32, views=False)
+    bad = phantom.write_study(tmp_path / "bad", seed=33, views=False)
+    for i, path in enumerate(bad.sax_files):  # one series whose slices lie in two orientations
+        ds = pydicom.dcmread(path)
+        if i % 2:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.save_as(path)
+    server = serve(models={"path": str(built_models)}, extra=folder_setup(tmp_path))
+    assert acknowledged(storescu(server.port, *bad.sax_files, *good.sax_files).stderr) == 24
+    [failed] = finished(server, bad.study_uid)
+    assert failed["status"] == "failed"
+    assert "mixes image orientations" in failed["error"] and "send each orientation as its own series" in failed["error"]
+    [succeeded] = finished(server, good.study_uid)
+    assert succeeded["status"] == "succeeded"
+    delivered(server, good.study_uid)
+
+
+def test_study_without_a_matching_rule_is_recorded_as_such(serve, built_models, tmp_path):
+    study = phantom.write_study(tmp_path / "study", seed=34)
+    server = serve(models={"path": str(built_models)}, extra=folder_setup(tmp_path))
+    assert acknowledged(storescu(server.port, study.view_files["two-chamber"]).stderr) == 1
+    server.wait_for(lambda: any(e["action"] == "study.no_rule_matched" for e in server.study(study.study_uid)["events"]),
+                    what="no rule matched")
+    assert jobs_of(server, study.study_uid) == []
+
+
+def test_late_images_give_a_new_job_and_new_result_uids(serve, built_models, tmp_path):
+    study = phantom.write_study(tmp_path / "study", seed=35, views=False)
+    server = serve(models={"path": str(built_models)}, extra=folder_setup(tmp_path))
+    assert acknowledged(storescu(server.port, *study.sax_files[:-1]).stderr) == 11
+    first = delivered(server, study.study_uid)
+    assert acknowledged(storescu(server.port, study.sax_files[-1]).stderr) == 1  # the apex slice, late
+    finished(server, study.study_uid, count=2)
+    jobs = jobs_of(server, study.study_uid)
+    assert [j["generation"] for j in jobs] == [1, 2] and all(j["status"] == "succeeded" for j in jobs)
+    second = delivered(server, study.study_uid)
+    assert {r["sop_instance_uid"] for r in first}.isdisjoint(
+        {r["sop_instance_uid"] for r in second if r not in first})
+    assert len(second) == 4
+
+
+def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(serve, built_models, tmp_path):
+    port = free_port()
+    setup = RULES.format(destination="pacs") + (
+        f'[destinations.pacs]\ntype = "dicom"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {port}\ntimeout = 5\n')
+    study = phantom.write_study(tmp_path / "study", seed=36, views=False)
+    server = serve(models={"path": str(built_models)}, dispatch={"check_every": 0.5, "retry_initial": 0.5,
+                                                                   "retry_max": 1}, extra=setup)
+    assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 12
+    [job] = finished(server, study.study_uid)
+    assert job["status"] == "succeeded"
+    server.wait_for(lambda: all(d["attempts"] >= 2 and d["last_error"] for r in jobs_of(server, study.study_uid)[0]["results"]
+                                for d in r["deliveries"]), what="failed attempts recorded")
+    received = tmp_path / "pacs"
+    received.mkdir()
+    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(received), "--sort-on-study-uid", "st", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        delivered(server, study.study_uid)
+        time.sleep(2)  # a few more dispatch passes: nothing may be sent again
+    finally:
+        pacs.terminate()
+        pacs.wait()
+    files = list(received.rglob("*"))
+    assert len([f for f in files if f.is_file()]) == 2  # the SEG and the SR, once each
