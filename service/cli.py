@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="PATH_OR_STUDY_UID")
     p.set_defaults(run=_rules_test)
 
+    p = sub.add_parser("demo", parents=[common],
+                       help="serve, send a phantom cardiac MR study to ourselves, show the job's results")
+    p.add_argument("--send-only", metavar="AET@HOST:PORT", help="only send the phantom study to this node")
+    p.set_defaults(run=_demo)
+
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (AET@HOST:PORT)")
     p.add_argument("target", metavar="AET@HOST:PORT")
     p.add_argument("--timeout", type=float, default=10, help="seconds (default 10)")
@@ -328,6 +333,21 @@ def _rules_test(settings: Settings, args) -> int:
                           f"{', '.join(rule.models)} -> {', '.join(rule.destinations) or 'no destination'}")
         if not matched:
             out.print("  no rule matched: nothing will run on this series")
+    return 0
+
+
+def _demo(settings: Settings, args) -> int:
+    from .demo import run_demo, send_only
+    if args.send_only:
+        return send_only(args.send_only, settings.dicom.ae_title, out)
+    from .serve import serve
+    from .store import make_engine, upgrade
+    engine = make_engine(settings.database.url)
+    try:
+        upgrade(engine)  # the demo starts from nothing
+    finally:
+        engine.dispose()
+    serve(settings, on_ready=lambda stopping: run_demo(settings, out, stopping))
     return 0
 
 

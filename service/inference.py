@@ -7,6 +7,7 @@ providers it actually got, and callers can see them on `Model.providers`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -34,10 +35,45 @@ class RuntimeOptions:
     cache_dir: Path | None = None  # TensorRT engine cache, so engines are built once per model
 
 
+@functools.cache
+def unusable_reason(short: str) -> str | None:
+    """Why a GPU provider cannot load on this machine (its CUDA libraries are missing), or None.
+
+    Asked before a session is made, so ONNX Runtime does not print a page of errors
+    for each session on a machine without CUDA. CUDA libraries installed from PyPI
+    (the nvidia-* packages) are found through onnxruntime.preload_dlls().
+    """
+    if short == "cpu":
+        return None
+    import ctypes
+    import importlib.util
+    import os
+
+    import onnxruntime as ort
+
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+
+    def load() -> str | None:
+        try:
+            ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+            ctypes.CDLL(os.path.join(capi, f"libonnxruntime_providers_{short}.so"))
+            return None
+        except OSError as exc:
+            return str(exc)
+
+    reason = load()
+    if reason and importlib.util.find_spec("nvidia") is not None and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+        reason = load()
+    return reason
+
+
 def _provider_list(options: RuntimeOptions) -> list:
-    """ONNX Runtime's provider list for `options`, with TensorRT's engine cache turned on."""
+    """ONNX Runtime's providers for `options`: those that can load here; TensorRT with its engine cache."""
     providers = []
     for short in options.providers:
+        if unusable_reason(short):
+            continue
         name = PROVIDER_NAMES[short]
         if short == "tensorrt" and options.cache_dir:
             options.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -72,10 +108,14 @@ class Model:
         self.input_name = self.session.get_inputs()[0].name
         wanted = [PROVIDER_NAMES[p] for p in options.providers]
         missing = [p for p in wanted if p not in self.providers]
+        reasons = {PROVIDER_NAMES[p]: unusable_reason(p) for p in options.providers}
         log.log(logging.WARNING if missing and wanted[0] not in self.providers else logging.INFO,
                 "model %s %s (%s) runs on %s%s", package.name, package.manifest.version, precision,
                 ", ".join(self.providers),
                 f"; not available here: {', '.join(missing)}" if missing else "")
+        for name in missing:
+            if reasons.get(name):
+                log.info("%s cannot load: %s", name, reasons[name])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The model's first output for a batch already in its input layout, as float32."""

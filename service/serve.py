@@ -68,8 +68,10 @@ def start_listener(settings: Settings, store: Store, spool: Spool) -> StorageSCP
     return scp
 
 
-def serve(settings: Settings) -> None:
-    """Run until SIGTERM or Ctrl-C; a second Ctrl-C aborts transfers in flight."""
+def serve(settings: Settings, on_ready=None) -> None:
+    """Run until SIGTERM or Ctrl-C; a second Ctrl-C aborts transfers in flight.
+
+    `on_ready(stopping)`, if given, runs in its own thread once everything is up (the demo)."""
     stopping, hurry = threading.Event(), threading.Event()
 
     def on_signal(signum, _frame):
@@ -82,7 +84,7 @@ def serve(settings: Settings) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _run(settings, stopping, hurry)
+        _run(settings, stopping, hurry, on_ready)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -99,7 +101,7 @@ def check_models(settings: Settings) -> None:
                 raise settings.error(f"rules.{i}.models", f"{exc}") from None
 
 
-def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event) -> None:
+def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, on_ready=None) -> None:
     check_models(settings)
     spool = open_spool(settings)
     store = open_store(settings)
@@ -114,6 +116,8 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event) 
         workers.start()
         scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight, workers)
         scheduler.start()
+        if on_ready:
+            threading.Thread(target=on_ready, args=(stopping,), name="on-ready", daemon=True).start()
         while not stopping.wait(1):
             pass
         scp.stop(settings.dicom.shutdown_grace, hurry)
