@@ -236,3 +236,63 @@ def dataset_bytes(path: Path) -> bytes:
     assert data[132:138] == b"\x02\x00\x00\x00UL", f"{path} has no File Meta group length"
     meta_end = 144 + int.from_bytes(data[140:144], "little")
     return data[meta_end:]
+
+
+class Orthanc:
+    """A real Orthanc PACS (Debian's orthanc + orthanc-dicomweb) on free 127.0.0.1 ports."""
+
+    PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+    def __init__(self, folder: Path):
+        import json
+        self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
+        self.config = folder / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "machaon-test", "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"), "DicomAet": "ORTHANC",
+            "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "Plugins": [self.PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "StableAge": 1,
+        }))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Orthanc:
+        import urllib.request
+        log = (self.folder / "orthanc.log").open("a")
+        self.proc = subprocess.Popen(["Orthanc", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60  # after a stop, Orthanc waits for its SQLite lock
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"Orthanc exited {self.proc.returncode}: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/system", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("Orthanc did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+    def get(self, path: str):
+        import json
+        import urllib.request
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    if not shutil.which("Orthanc") or not Path(Orthanc.PLUGIN).exists():
+        pytest.fail("Orthanc with the DICOMweb plugin is needed: apt-get install orthanc orthanc-dicomweb (.ci/install)")
+    (tmp_path / "orthanc").mkdir()
+    server = Orthanc(tmp_path / "orthanc")
+    yield server
+    server.stop()

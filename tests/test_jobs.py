@@ -3,6 +3,7 @@ model runs, and the SEG and SR reach their destination; failures are kept on the
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -140,3 +141,34 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(serve, built_model
         pacs.wait()
     files = list(received.rglob("*"))
     assert len([f for f in files if f.is_file()]) == 2  # the SEG and the SR, once each
+
+
+def test_results_reach_orthanc_where_a_viewer_finds_them_even_after_it_was_down(serve, built_models, orthanc, tmp_path):
+    setup = RULES.format(destination="pacs") + (
+        f'[destinations.pacs]\ntype = "dicom"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+        'timeout = 5\n')
+    study = phantom.write_study(tmp_path / "study", seed=37, views=False)
+    server = serve(models={"path": str(built_models)}, dispatch={"check_every": 0.5, "retry_initial": 0.5,
+                                                                   "retry_max": 2}, extra=setup)
+    # The PACS is down when the results are ready: they wait, and each try is recorded.
+    assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 12
+    [job] = finished(server, study.study_uid)
+    assert job["status"] == "succeeded"
+    server.wait_for(lambda: all(d["attempts"] >= 2 and "association failed" in d["last_error"]
+                                for r in jobs_of(server, study.study_uid)[0]["results"] for d in r["deliveries"]),
+                    what="failed attempts recorded")
+    orthanc.start()
+    delivered(server, study.study_uid)
+    time.sleep(2)  # more dispatch passes: nothing acknowledged is sent again
+
+    # As a viewer would look: C-FIND at series level, and QIDO-RS.
+    found = subprocess.run(["findscu", "-S", "-aet", "VIEWER", "-aec", "ORTHANC", "-k", "QueryRetrieveLevel=SERIES",
+                            "-k", f"StudyInstanceUID={study.study_uid}", "-k", "SeriesInstanceUID", "-k", "Modality",
+                            "127.0.0.1", str(orthanc.dicom_port)], capture_output=True, text=True, timeout=30)
+    modalities = sorted(re.findall(r"\(0008,0060\) CS \[(\w+) ?\]", found.stderr + found.stdout))
+    assert modalities == ["SEG", "SR"]
+    series = orthanc.get(f"/dicom-web/studies/{study.study_uid}/series")
+    modalities = sorted(s["00080060"]["Value"][0] for s in series)
+    assert modalities == ["SEG", "SR"]  # only the results were sent to this PACS
+    instances = orthanc.get(f"/dicom-web/studies/{study.study_uid}/instances")
+    assert len(instances) == 2  # one SEG and one SR: none twice
