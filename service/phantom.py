@@ -236,7 +236,8 @@ def _sax_orientation() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return row, column, np.cross(row, column)
 
 
-def write_study(folder: Path, seed: int, views: bool = True, patient_id: str | None = None) -> PhantomStudy:
+def write_study(folder: Path, seed: int, views: bool = True, patient_id: str | None = None,
+                slices: int = SAX_SLICES) -> PhantomStudy:
     """Write one phantom cardiac MR study as DICOM files under `folder`.
 
     A short-axis stack (one MR image per slice) and, with `views`, one image each
@@ -257,7 +258,7 @@ def write_study(folder: Path, seed: int, views: bool = True, patient_id: str | N
     centre = np.array([15.0, 25.0, 30.0])  # where the base of the LV is, in patient mm
     corner = -(MATRIX - 1) / 2 * SPACING
     sax_files, labels = [], []
-    for index, d in enumerate(sax_depths(heart)):
+    for index, d in enumerate(sax_depths(heart, slices)):
         image, label = sax_slice(heart, float(d), rng)
         # Every slice's centre lies on the line through `centre` along the normal;
         # the heart's in-plane offset is drawn in the image itself.

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
 from .inference import normalise, to_layout
@@ -60,7 +61,7 @@ def read_series(paths: list[Path]) -> Series:
     """Read, check, order and decode the instances of one series."""
     if not paths:
         raise PrepareError("the series has no instances")
-    datasets = [pydicom.dcmread(path) for path in paths]
+    datasets = [_read(path) for path in paths]
     for ds in datasets:
         if "PixelData" not in ds and "FloatPixelData" not in ds:
             raise PrepareError(f"instance {ds.SOPInstanceUID} has no pixel data "
@@ -71,6 +72,13 @@ def read_series(paths: list[Path]) -> Series:
         raise PrepareError("the series' images differ in size: send one size per series")
     pixels = np.stack([decoded[id(f.dataset)][(f.number or 1) - 1] for f in frames])
     return Series(frames, pixels, _pixel_spacing(datasets[0]), _slice_spacing(frames))
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except (OSError, InvalidDicomError) as exc:
+        raise PrepareError(f"cannot read {path} from the spool: {exc}; was it removed or damaged?") from None
 
 
 def _frames(ds: Dataset) -> list[Frame]:
@@ -148,8 +156,20 @@ def _slice_spacing(frames: list[Frame]) -> float | None:
     return float(np.median(steps))
 
 
+def check_accepted(series: Series, spec: InputSpec) -> None:
+    """The model's manifest says which images it takes; anything else is refused by name."""
+    for ds in series.datasets:
+        if spec.sop_classes and ds.SOPClassUID not in spec.sop_classes:
+            raise PrepareError(f"instance {ds.SOPInstanceUID} is {ds.SOPClassUID.name}, which the model "
+                               "does not take (input.sop_classes); narrow the rule's sop_class to match")
+        if ds.PhotometricInterpretation not in spec.photometric:
+            raise PrepareError(f"instance {ds.SOPInstanceUID} is {ds.PhotometricInterpretation}; the model "
+                               f"takes {', '.join(spec.photometric)}")
+
+
 def model_input(series: Series, spec: InputSpec) -> np.ndarray:
     """The series as the model wants it: channel, size, intensity and layout from its manifest."""
+    check_accepted(series, spec)
     pixels = series.pixels
     if pixels.ndim == 4:
         if spec.channel_select:

@@ -15,10 +15,12 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 from datetime import timedelta
 
 import numpy as np
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from .config import Settings
@@ -48,8 +50,12 @@ def plan_jobs(store: Store, spool: Spool, rules: list[Rule]) -> int:
             Study.status == COMPLETE, Study.planned_count < Study.completion_count)).all()
     created = 0
     for study_id, study_uid, generation in due:
+        problem = None
         with store.read_session() as session:  # headers are read outside the write transaction
-            facts = series_in_store(session, spool, study_uid) or []
+            try:
+                facts = series_in_store(session, spool, study_uid) or []
+            except (OSError, InvalidDicomError) as exc:  # a spool file removed or damaged by hand
+                facts, problem = [], f"cannot read the study's headers from the spool: {exc}"
             ids = dict(session.execute(select(SeriesRow.series_uid, SeriesRow.id)
                                        .where(SeriesRow.study_id == study_id)).all())
         planned = [(ids[f.series_uid], rule, model) for f in facts for rule in matching(rules, f)
@@ -64,12 +70,15 @@ def plan_jobs(store: Store, spool: Spool, rules: list[Rule]) -> int:
                                 generation=generation, status=QUEUED, priority=rule.priority, attempts=0,
                                 created_at=now) for series_id, rule, model in planned)
             study.planned_count = generation
-            if planned:
+            if problem:
+                add_event(session, "scheduler", "study.planning_failed", study_uid, error=problem)
+            elif planned:
                 add_event(session, "scheduler", "jobs.planned", study_uid, jobs=len(planned),
                           models=sorted({m for _, _, m in planned}))
             else:
                 add_event(session, "scheduler", "study.no_rule_matched", study_uid, series=len(facts))
-        log.info("study %s: %s", study_uid, f"{len(planned)} job(s) queued" if planned else "no rule matched")
+        outcome = problem or (f"{len(planned)} job(s) queued" if planned else "no rule matched")
+        log.log(logging.WARNING if problem else logging.INFO, "study %s: %s", study_uid, outcome)
         created += len(planned)
     return created
 
@@ -150,25 +159,30 @@ class Runner:
             series_row = session.get(SeriesRow, job.series_id)
             study_uid, model, rule_name = series_row.study.study_uid, job.model, job.rule
             paths = [self.spool.path(i.path) for i in series_row.instances]
+        clock = _Stopwatch()
         package = load_package(self.settings.models.path, model)
+        model_run = self.sessions.get(package, self.settings.inference.precision).run
+        clock.lap("load_model")
         series = read_series(paths)
-        outputs = self._infer(package, series)
+        clock.lap("read_and_decode")
+        x = model_input(series, package.manifest.input)
+        clock.lap("prepare")
+        size = self.settings.worker.batch_size
+        outputs = np.concatenate([model_run(x[i:i + size]) for i in range(0, len(x), size)])
+        clock.lap("inference")
         datasets = _results(series, outputs, package.manifest)
+        clock.lap("encode_results")
         destinations = next((r.destinations for r in self.settings.rules if r.name == rule_name), [])
         kept = []
         for kind, ds in datasets:
             relative = self.spool.result_path(study_uid, ds.SeriesInstanceUID, ds.SOPInstanceUID)
             self.spool.write(ds, relative)
             kept.append((kind, ds, relative))
-        self._succeed(job_id, study_uid, kept, destinations)
+        clock.lap("write_results")
+        self._succeed(job_id, study_uid, kept, destinations, clock.laps)
 
-    def _infer(self, package, series: Series) -> np.ndarray:
-        model = self.sessions.get(package, self.settings.inference.precision)
-        x = model_input(series, package.manifest.input)
-        size = self.settings.worker.batch_size
-        return np.concatenate([model.run(x[i:i + size]) for i in range(0, len(x), size)])
-
-    def _succeed(self, job_id: int, study_uid: str, kept: list, destinations: list[str]) -> None:
+    def _succeed(self, job_id: int, study_uid: str, kept: list, destinations: list[str],
+                 seconds: dict[str, float]) -> None:
         now = utcnow()
         with self.store.session.begin() as session:
             job = session.get(Job, job_id, with_for_update=True)
@@ -191,7 +205,7 @@ class Runner:
                                          next_attempt_at=now) for d in destinations if d not in known)
             job.status, job.finished_at, job.lease_owner = SUCCEEDED, now, None
             add_event(session, self.owner, "job.succeeded", study_uid, job=job_id, model=job.model,
-                      results=[ds.SOPInstanceUID for _, ds, _ in kept])
+                      results=[ds.SOPInstanceUID for _, ds, _ in kept], seconds=seconds)
         log.info("job %d (%s) succeeded: %s", job_id, job.model, ", ".join(k for k, _, _ in kept))
 
     def _fail(self, job_id: int, reason: str) -> None:
@@ -201,6 +215,19 @@ class Runner:
             study_uid = session.get(Study, job.study_id).study_uid
             add_event(session, self.owner, "job.failed", study_uid, job=job_id, model=job.model, error=reason)
         log.warning("job %d (%s) failed: %s", job_id, job.model, reason)
+
+
+class _Stopwatch:
+    """Seconds spent in each stage of a job, kept in its job.succeeded event."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 4)
+        self._last = now
 
 
 def _results(series: Series, outputs: np.ndarray, manifest: Manifest) -> list[tuple[str, object]]:

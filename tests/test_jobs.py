@@ -13,6 +13,8 @@ import pydicom
 import pytest
 from conftest import acknowledged, free_port, storescu
 from machaon import phantom
+from pydicom.encaps import encapsulate, get_frame
+from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
 
 RULES = '''
 [[rules]]
@@ -75,19 +77,46 @@ def test_phantom_study_gets_a_seg_and_sr_in_the_folder(serve, built_models, tmp_
     assert volume.get_measurements()[0].value == pytest.approx(study.cavity_volume_ml, rel=0.10)
 
 
-def test_bad_study_fails_its_job_with_a_reason_and_a_good_one_still_succeeds(serve, built_models, tmp_path):
-    good = phantom.write_study(tmp_path / "good", seed=32, views=False)
-    bad = phantom.write_study(tmp_path / "bad", seed=33, views=False)
-    for i, path in enumerate(bad.sax_files):  # one series whose slices lie in two orientations
+def _spoil(study, how: str) -> None:
+    """Rewrite a phantom study's short-axis files into one kind of bad input."""
+    for i, path in enumerate(study.sax_files):
         ds = pydicom.dcmread(path)
-        if i % 2:
+        if how == "mixed orientations" and i % 2:
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        elif how == "no pixel data":
+            del ds.PixelData
+        elif how == "unsupported SOP class":
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        elif how == "corrupt compressed frame":
+            ds.compress(RLELossless)
+            if i == 3:  # one frame cut short, as a broken encoder would leave it
+                frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+                ds.PixelData = encapsulate([frame[: len(frame) // 3]])
         ds.save_as(path)
+
+
+BAD_INPUT = {
+    "mixed orientations": "mixes image orientations: a model takes one stack at a time",
+    "no pixel data": "has no pixel data (SOP class MR Image Storage): this model needs images",
+    "unsupported SOP class": "is Secondary Capture Image Storage, which the model does not take",
+    "corrupt compressed frame": "cannot decode its pixel data (RLE Lossless)",
+}
+
+
+def test_bad_studies_fail_with_a_reason_and_a_good_one_still_succeeds(serve, built_models, tmp_path):
+    bad = {}
+    for seed, how in enumerate(BAD_INPUT, start=40):
+        bad[how] = phantom.write_study(tmp_path / f"bad{seed}", seed=seed, views=False)
+        _spoil(bad[how], how)
+    good = phantom.write_study(tmp_path / "good", seed=32, views=False)
     server = serve(models={"path": str(built_models)}, extra=folder_setup(tmp_path))
-    assert acknowledged(storescu(server.port, *bad.sax_files, *good.sax_files).stderr) == 24
-    [failed] = finished(server, bad.study_uid)
-    assert failed["status"] == "failed"
-    assert "mixes image orientations" in failed["error"] and "send each orientation as its own series" in failed["error"]
+    files = [f for study in bad.values() for f in study.sax_files] + good.sax_files
+    assert acknowledged(storescu(server.port, *files, extra=("-xr",)).stderr) == len(files)
+    for how, study in bad.items():
+        [job] = finished(server, study.study_uid)
+        assert job["status"] == "failed", how
+        assert BAD_INPUT[how] in job["error"], (how, job["error"])
+        assert job["results"] == []
     [succeeded] = finished(server, good.study_uid)
     assert succeeded["status"] == "succeeded"
     delivered(server, good.study_uid)
