@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 import time
+from datetime import UTC, datetime
 
 import sqlalchemy.exc
 
@@ -111,11 +112,13 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
         # Once the port is ours, no other machaon is using this spool: what
         # incoming/ held before we started was never acknowledged.
         spool.sweep_incoming(untouched_for_s=time.time() - started)
-        workers = Workers(Runner(settings, store, spool, Sessions(settings.inference.runtime_options())),
-                          settings.worker.threads)
-        workers.start()
+        runner = Runner(settings, store, spool, Sessions(settings.inference.runtime_options()))
+        workers = Workers(runner, settings.worker.threads)
         scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight, workers)
+        # New results are sent at once rather than at the dispatcher's next tick.
+        runner.on_results = lambda: scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
         scheduler.start()
+        workers.start()
         if on_ready:
             threading.Thread(target=on_ready, args=(stopping,), name="on-ready", daemon=True).start()
         while not stopping.wait(1):

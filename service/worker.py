@@ -137,6 +137,7 @@ class Runner:
     def __init__(self, settings: Settings, store: Store, spool: Spool, sessions: Sessions):
         self.settings, self.store, self.spool, self.sessions = settings, store, spool, sessions
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.on_results = lambda: None  # called when a job has queued deliveries (wakes the dispatcher)
 
     def run_next(self) -> bool:
         """Claim and run one job; False when the queue is empty."""
@@ -207,6 +208,8 @@ class Runner:
             add_event(session, self.owner, "job.succeeded", study_uid, job=job_id, model=job.model,
                       results=[ds.SOPInstanceUID for _, ds, _ in kept], seconds=seconds)
         log.info("job %d (%s) succeeded: %s", job_id, job.model, ", ".join(k for k, _, _ in kept))
+        if destinations:
+            self.on_results()
 
     def _fail(self, job_id: int, reason: str) -> None:
         with self.store.session.begin() as session:
