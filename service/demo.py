@@ -101,6 +101,16 @@ def run_demo(settings: Settings, console: Console, stopping) -> None:
         store.dispose()
 
 
+def _volumes(path: Path) -> list[str]:
+    """The volumes an SR reports, as text ("LV cavity volume: 93.4 ml")."""
+    import highdicom as hd
+
+    report = hd.sr.srread(path)
+    return [f"{group.tracking_identifier}: {m.value} {m.unit.value}"
+            for group in report.content.get_volumetric_roi_measurement_groups()
+            for m in group.get_measurements()]
+
+
 def _report(console: Console, settings: Settings, jobs: list[dict], study: phantom.PhantomStudy) -> None:
     for job in jobs:
         console.print(f"demo: job {job['id']} ({job['model']}): [bold]{job['status']}[/]"
@@ -113,6 +123,9 @@ def _report(console: Console, settings: Settings, jobs: list[dict], study: phant
                 place = (Path(where) / study.study_uid / result["series_uid"] / name
                          if where else delivery["destination"])
                 console.print(f"  {result['kind'].upper()}: {place}")
-    console.print(f"demo: the phantom's true LV cavity volume is {study.cavity_volume_ml:.1f} ml; "
-                  "the SR's measurement should be close. machaon keeps running for your own studies "
-                  f"(AE {settings.dicom.ae_title}, port {settings.dicom.port}); Ctrl-C stops it.")
+                if result["kind"] == "sr" and where:
+                    for volume in _volumes(place):
+                        console.print(f"    {volume}")
+    console.print(f"demo: the phantom's true LV cavity volume is {study.cavity_volume_ml:.1f} ml. "
+                  f"machaon keeps running for your own studies (AE {settings.dicom.ae_title}, "
+                  f"port {settings.dicom.port}); Ctrl-C stops it.")
