@@ -124,7 +124,18 @@ class DicomDestination(_Section):
     timeout: float = Field(30, gt=0)
 
 
-Destination = Annotated[FolderDestination | DicomDestination, Field(discriminator="type")]
+class DicomWebDestination(_Section):
+    """A DICOMweb server (a PACS's /dicom-web root) that receives results by STOW-RS."""
+
+    type: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://")
+    username: str | None = None  # HTTP basic authentication, if the server asks for it
+    password: str | None = None
+    timeout: float = Field(30, gt=0)
+
+
+Destination = Annotated[FolderDestination | DicomDestination | DicomWebDestination,
+                        Field(discriminator="type")]
 
 
 class WorkerSettings(_Section):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import select
 
-from .config import DicomDestination, DispatchSettings, FolderDestination, Settings
+from .config import DicomDestination, DicomWebDestination, DispatchSettings, FolderDestination, Settings
 from .spool import Spool, copy_durably
 from .store import Delivery, Job, Result, Store, Study, add_event, utcnow
 
@@ -59,6 +59,24 @@ def send_by_c_store(destination: DicomDestination, path: Path, ds: pydicom.Datas
                         f"{status.get('ErrorComment', '') if status else ''}".strip())
 
 
+def send_by_stow_rs(destination: DicomWebDestination, ds: pydicom.Dataset) -> None:
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    if destination.username:
+        session.auth = (destination.username, destination.password or "")
+    client = DICOMwebClient(destination.url, session=session, timeout=destination.timeout)
+    try:
+        response = client.store_instances([ds])
+    except requests.RequestException as exc:
+        raise SendError(f"{destination.url}: STOW-RS of {ds.SOPInstanceUID} failed: {exc}") from None
+    failed = response.get("FailedSOPSequence") if response is not None else None
+    if failed:
+        reason = failed[0].get("FailureReason", "no reason given")
+        raise SendError(f"{destination.url}: STOW-RS refused {ds.SOPInstanceUID} (failure reason {reason})")
+
+
 def run_dispatch(settings: Settings, store: Store, spool: Spool) -> int:
     """Send every delivery that is due; returns how many were sent."""
     now = utcnow()
@@ -79,6 +97,8 @@ def run_dispatch(settings: Settings, store: Store, spool: Spool) -> int:
             ds = pydicom.dcmread(path)
             if isinstance(destination, FolderDestination):
                 send_to_folder(destination, path, ds)
+            elif isinstance(destination, DicomWebDestination):
+                send_by_stow_rs(destination, ds)
             else:
                 send_by_c_store(destination, path, ds, settings.dicom.ae_title)
         except (SendError, OSError) as exc:

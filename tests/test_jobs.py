@@ -201,3 +201,14 @@ def test_results_reach_orthanc_where_a_viewer_finds_them_even_after_it_was_down(
     assert modalities == ["SEG", "SR"]  # only the results were sent to this PACS
     instances = orthanc.get(f"/dicom-web/studies/{study.study_uid}/instances")
     assert len(instances) == 2  # one SEG and one SR: none twice
+
+
+def test_results_reach_orthanc_by_stow_rs(serve, built_models, orthanc, tmp_path):
+    orthanc.start()
+    setup = RULES.format(destination="web") + f'[destinations.web]\ntype = "dicomweb"\nurl = "{orthanc.url}/dicom-web"\n'
+    study = phantom.write_study(tmp_path / "study", seed=38, views=False)
+    server = serve(models={"path": str(built_models)}, extra=setup)
+    assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 12
+    delivered(server, study.study_uid)
+    series = orthanc.get(f"/dicom-web/studies/{study.study_uid}/series")
+    assert sorted(s["00080060"]["Value"][0] for s in series) == ["SEG", "SR"]
