@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import highdicom as hd
 import pydicom
@@ -212,3 +213,19 @@ def test_results_reach_orthanc_by_stow_rs(serve, built_models, orthanc, tmp_path
     delivered(server, study.study_uid)
     series = orthanc.get(f"/dicom-web/studies/{study.study_uid}/series")
     assert sorted(s["00080060"]["Value"][0] for s in series) == ["SEG", "SR"]
+
+
+def test_chest_radiograph_through_the_service_gives_14_findings(serve, built_models, tmp_path):
+    radiograph = Path(pydicom.__file__).parents[1] / "data_store" / "data" / "RG1_J2KR.dcm"  # pydicom-data: a real CR
+    setup = ('[[rules]]\nname = "chest"\nmodels = ["cxr-findings"]\ndestinations = ["out"]\n'
+             'match = { modality = ["CR", "DX"] }\n' + f'[destinations.out]\ntype = "folder"\npath = "{tmp_path / "out"}"\n')
+    server = serve(models={"path": str(built_models)}, extra=setup)
+    assert acknowledged(storescu(server.port, radiograph, extra=("-xv",)).stderr) == 1
+    study_uid = pydicom.dcmread(radiograph, stop_before_pixels=True).StudyInstanceUID
+    [job] = finished(server, study_uid)
+    assert job["status"] == "succeeded", job["error"]
+    [result] = delivered(server, study_uid)
+    [path] = (tmp_path / "out").rglob("*.dcm")
+    sr = hd.sr.srread(path)
+    assert result["kind"] == "sr" and len(sr.ContentSequence[-1].ContentSequence) == 14
+    assert "cxr-findings 0.0.1" in sr.SoftwareVersions and "not for clinical use" in sr.SeriesDescription
