@@ -308,10 +308,11 @@ def _rules_test(settings: Settings, args) -> int:
     if Path(args.target).exists():
         found = series_in_folder(Path(args.target))
     else:
-        from .serve import open_spool, open_store
+        from .serve import open_store
+        from .spool import Spool
         store = open_store(settings)
-        with store.read_session() as session:
-            found = series_in_store(session, open_spool(settings), args.target)
+        with store.read_session() as session:  # reads the spool, never writes to it
+            found = series_in_store(session, Spool(settings.spool.path), args.target)
         store.dispose()
         if found is None:
             return _fail(f"{args.target} is neither a path nor a received study's UID")

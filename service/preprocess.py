@@ -11,6 +11,8 @@ can act on; the job fails with it and other studies carry on.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,12 @@ class Series:
     pixels: np.ndarray  # (N, rows, columns) or (N, rows, columns, 3), float32, modality values
     pixel_spacing: tuple[float, float] | None  # mm between rows, between columns
     slice_spacing: float | None  # mm between consecutive frames along the normal
+
+    @functools.cached_property
+    def instances_digest(self) -> str:
+        """sha256 of the sorted SOP Instance UIDs: which exact images these are."""
+        uids = "".join(sorted(ds.SOPInstanceUID for ds in self.datasets))
+        return hashlib.sha256(uids.encode()).hexdigest()
 
     @property
     def datasets(self) -> list[Dataset]:

@@ -12,8 +12,6 @@ Algorithm Identification) and says it is an AI result, not for clinical use.
 
 from __future__ import annotations
 
-import hashlib
-
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -35,9 +33,7 @@ IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
 def result_uid(series: Series, manifest: Manifest, kind: str) -> str:
     """A UID that only these inputs, this model version and this kind of result produce."""
-    instances = "".join(sorted(ds.SOPInstanceUID for ds in series.datasets))
-    digest = hashlib.sha256(instances.encode()).hexdigest()
-    return generate_uid(entropy_srcs=[series.datasets[0].SeriesInstanceUID, digest,
+    return generate_uid(entropy_srcs=[series.datasets[0].SeriesInstanceUID, series.instances_digest,
                                       manifest.name, manifest.version, kind])
 
 

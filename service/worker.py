@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from .config import Settings
+from .dispatch import PENDING
 from .inference import Sessions
 from .manifest import Manifest, PackageError, load_package
 from .preprocess import PrepareError, Series, labels_on_source_grid, model_input, read_series
@@ -36,7 +37,6 @@ from .store import Series as SeriesRow
 log = logging.getLogger("machaon.worker")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-PENDING = "pending"
 
 
 class JobError(Exception):

@@ -12,7 +12,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from conftest import acknowledged, free_port, storescu
+from conftest import acknowledged, storescu
 from machaon import phantom
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
@@ -145,32 +145,6 @@ def test_late_images_give_a_new_job_and_new_result_uids(serve, built_models, tmp
     assert {r["sop_instance_uid"] for r in first}.isdisjoint(
         {r["sop_instance_uid"] for r in second if r not in first})
     assert len(second) == 4
-
-
-def test_results_wait_for_a_pacs_that_is_down_and_arrive_once(serve, built_models, tmp_path):
-    port = free_port()
-    setup = RULES.format(destination="pacs") + (
-        f'[destinations.pacs]\ntype = "dicom"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {port}\ntimeout = 5\n')
-    study = phantom.write_study(tmp_path / "study", seed=36, views=False)
-    server = serve(models={"path": str(built_models)}, dispatch={"check_every": 0.5, "retry_initial": 0.5,
-                                                                   "retry_max": 1}, extra=setup)
-    assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 12
-    [job] = finished(server, study.study_uid)
-    assert job["status"] == "succeeded"
-    server.wait_for(lambda: all(d["attempts"] >= 2 and d["last_error"] for r in jobs_of(server, study.study_uid)[0]["results"]
-                                for d in r["deliveries"]), what="failed attempts recorded")
-    received = tmp_path / "pacs"
-    received.mkdir()
-    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(received), "--sort-on-study-uid", "st", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        delivered(server, study.study_uid)
-        time.sleep(2)  # a few more dispatch passes: nothing may be sent again
-    finally:
-        pacs.terminate()
-        pacs.wait()
-    files = list(received.rglob("*"))
-    assert len([f for f in files if f.is_file()]) == 2  # the SEG and the SR, once each
 
 
 def test_results_reach_orthanc_where_a_viewer_finds_them_even_after_it_was_down(serve, built_models, orthanc, tmp_path):
