@@ -10,10 +10,13 @@ repeated after a crash (acknowledged, not yet recorded) leaves one copy.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import select
 
 from .config import DicomDestination, DicomWebDestination, DispatchSettings, FolderDestination, Settings
@@ -38,25 +41,45 @@ def send_to_folder(destination: FolderDestination, path: Path, ds: pydicom.Datas
         raise SendError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
-def send_by_c_store(destination: DicomDestination, path: Path, ds: pydicom.Dataset, calling_ae: str) -> None:
+def send_by_c_store(destination: DicomDestination, datasets: list[pydicom.Dataset],
+                    calling_ae: str) -> Iterator[SendError | None]:
+    """C-STORE `datasets` over one association, yielding for each None once it was acknowledged,
+    or why it was not. Raises SendError when the association cannot be made or is lost."""
     from pynetdicom import AE
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
-    # The result's own SOP class, in the transfer syntax it was written in (and the default).
-    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID, "1.2.840.10008.1.2"])
+    # Each result's own SOP class, in the transfer syntax it was written in (and the default).
+    for sop_class in {ds.SOPClassUID for ds in datasets}:
+        syntaxes = {ds.file_meta.TransferSyntaxUID for ds in datasets if ds.SOPClassUID == sop_class}
+        ae.add_requested_context(sop_class, sorted(syntaxes | {ImplicitVRLittleEndian}))
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         raise SendError(f"{where}: association {'rejected' if assoc.is_rejected else 'failed'}")
     try:
-        status = assoc.send_c_store(ds)
+        accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
+        for ds in datasets:
+            if not assoc.is_established:
+                raise SendError(f"{where}: the association was closed before all results were sent")
+            if ds.SOPClassUID not in accepted:
+                yield SendError(f"{where} does not accept {ds.SOPClassUID.name} objects (presentation "
+                                "context rejected): allow that SOP class on the PACS, or route this "
+                                "model's results elsewhere")
+                continue
+            yield _refusal(where, ds, assoc.send_c_store(ds))
     finally:
-        assoc.release()
-    if not status or status.Status not in (0x0000, 0xB000, 0xB007, 0xB006):
-        code = f"0x{status.Status:04X}" if status else "no response"
-        raise SendError(f"{where}: C-STORE of {ds.SOPInstanceUID} answered {code} "
-                        f"{status.get('ErrorComment', '') if status else ''}".strip())
+        if assoc.is_established:
+            assoc.release()
+
+
+def _refusal(where: str, ds: pydicom.Dataset, status) -> SendError | None:
+    """None for a C-STORE status that means the PACS keeps the object (warnings included)."""
+    if status and status.Status in (0x0000, 0xB000, 0xB007, 0xB006):
+        return None
+    code = f"0x{status.Status:04X}" if status else "no response"
+    comment = status.get("ErrorComment", "") if status else ""
+    return SendError(f"{where}: C-STORE of {ds.SOPInstanceUID} answered {code} {comment}".strip())
 
 
 def send_by_stow_rs(destination: DicomWebDestination, ds: pydicom.Dataset) -> None:
@@ -87,42 +110,75 @@ def run_dispatch(settings: Settings, store: Store, spool: Spool) -> int:
             .join(Study, Study.id == Job.study_id)
             .where(Delivery.status == PENDING, Delivery.next_attempt_at <= now).order_by(Delivery.id)
         ).all()
-    sent = 0
-    for delivery_id, name, attempts, relative, study_uid in due:
-        destination = settings.destinations.get(name)
+    by_destination = defaultdict(list)
+    for row in due:
+        by_destination[row.destination].append(row)
+    return sum(_send_to(settings, store, spool, name, rows) for name, rows in by_destination.items())
+
+
+def _send_to(settings: Settings, store: Store, spool: Spool, name: str, rows: list) -> int:
+    """Send one destination's due deliveries (one association for a DICOM peer); returns how many."""
+    destination = settings.destinations.get(name)
+    ready = []
+    for row in rows:
         try:
             if destination is None:
                 raise SendError(f"destination {name!r} is no longer configured")
-            path = spool.path(relative)
-            ds = pydicom.dcmread(path)
-            if isinstance(destination, FolderDestination):
-                send_to_folder(destination, path, ds)
-            elif isinstance(destination, DicomWebDestination):
-                send_by_stow_rs(destination, ds)
-            else:
-                send_by_c_store(destination, path, ds, settings.dicom.ae_title)
+            path = spool.path(row.path)
+            ready.append((row, path, pydicom.dcmread(path)))
         except (SendError, OSError) as exc:
-            _retry_later(store, settings.dispatch, delivery_id, attempts, str(exc), study_uid, name)
-            continue
-        _mark_sent(store, delivery_id, study_uid, name, ds.SOPInstanceUID)
-        sent += 1
+            _retry_later(store, settings.dispatch, row, str(exc))
+    outcomes = _sending(destination, ready, settings.dicom.ae_title)
+    sent = handled = 0
+    try:
+        for row, _, ds in ready:
+            error = next(outcomes)
+            if error:
+                _retry_later(store, settings.dispatch, row, str(error))
+            else:
+                _mark_sent(store, row, ds.SOPInstanceUID)
+                sent += 1
+            handled += 1
+    except SendError as exc:  # no association, or it was lost: the rest waits for the next attempt
+        for row, _, _ in ready[handled:]:
+            _retry_later(store, settings.dispatch, row, str(exc))
+    finally:
+        outcomes.close()
     return sent
 
 
-def _mark_sent(store: Store, delivery_id: int, study_uid: str, name: str, sop_uid: str) -> None:
+def _sending(destination, ready: list, calling_ae: str) -> Iterator[SendError | None]:
+    """Each ready result sent to `destination` in turn: None when it took it, else why not."""
+    if isinstance(destination, DicomDestination):
+        yield from send_by_c_store(destination, [ds for _, _, ds in ready], calling_ae)
+        return
+    for _, path, ds in ready:
+        try:
+            if isinstance(destination, FolderDestination):
+                send_to_folder(destination, path, ds)
+            else:
+                send_by_stow_rs(destination, ds)
+        except SendError as exc:
+            yield exc
+        else:
+            yield None
+
+
+def _mark_sent(store: Store, row, sop_uid: str) -> None:
     with store.session.begin() as session:
-        delivery = session.get(Delivery, delivery_id, with_for_update=True)
+        delivery = session.get(Delivery, row.id, with_for_update=True)
         delivery.status, delivery.sent_at, delivery.last_error = SENT, utcnow(), None
         delivery.attempts += 1
-        add_event(session, "dispatcher", "result.sent", study_uid, destination=name, sop_instance_uid=sop_uid)
-    log.info("sent %s to %s", sop_uid, name)
+        add_event(session, "dispatcher", "result.sent", row.study_uid, destination=row.destination,
+                  sop_instance_uid=sop_uid)
+    log.info("sent %s to %s", sop_uid, row.destination)
 
 
-def _retry_later(store: Store, policy: DispatchSettings, delivery_id: int, attempts: int, error: str,
-                 study_uid: str, name: str) -> None:
+def _retry_later(store: Store, policy: DispatchSettings, row, error: str) -> None:
+    attempts, name, study_uid = row.attempts, row.destination, row.study_uid
     delay = min(policy.retry_initial * 2 ** attempts, policy.retry_max)
     with store.session.begin() as session:
-        delivery = session.get(Delivery, delivery_id, with_for_update=True)
+        delivery = session.get(Delivery, row.id, with_for_update=True)
         delivery.attempts = attempts + 1
         delivery.last_error = error
         delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)

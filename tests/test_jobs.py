@@ -12,7 +12,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from conftest import acknowledged, storescu
+from conftest import acknowledged, free_port, storescu
 from machaon import phantom
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
@@ -176,6 +176,51 @@ def test_results_reach_orthanc_where_a_viewer_finds_them_even_after_it_was_down(
     assert modalities == ["SEG", "SR"]  # only the results were sent to this PACS
     instances = orthanc.get(f"/dicom-web/studies/{study.study_uid}/instances")
     assert len(instances) == 2  # one SEG and one SR: none twice
+
+
+# A PACS that stores images and SR but was never told about SEG (a common gap in older archives).
+NO_SEG_PROFILE = r"""
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[NoSeg]
+PresentationContext1 = VerificationSOPClass\Uncompressed
+PresentationContext2 = MRImageStorage\Uncompressed
+PresentationContext3 = Comprehensive3DSRStorage\Uncompressed
+[[Profiles]]
+[NoSeg]
+PresentationContexts = NoSeg
+"""
+
+
+def test_a_pacs_that_refuses_seg_gets_the_sr_and_the_seg_waits_with_a_reason(serve, built_models, tmp_path):
+    (tmp_path / "pacs").mkdir()
+    (tmp_path / "no-seg.cfg").write_text(NO_SEG_PROFILE)
+    port = free_port()
+    pacs = subprocess.Popen(["storescp", "-aet", "OLDPACS", "-od", str(tmp_path / "pacs"),
+                             "-xf", str(tmp_path / "no-seg.cfg"), "NoSeg", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        setup = RULES.format(destination="pacs") + (
+            f'[destinations.pacs]\ntype = "dicom"\nae_title = "OLDPACS"\nhost = "127.0.0.1"\nport = {port}\n')
+        study = phantom.write_study(tmp_path / "study", seed=39, views=False)
+        server = serve(models={"path": str(built_models)}, extra=setup)
+        assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 12
+        [job] = finished(server, study.study_uid)
+        assert job["status"] == "succeeded", job["error"]
+
+        def outcome():
+            results = {r["kind"]: r["deliveries"][0] for r in jobs_of(server, study.study_uid)[0]["results"]}
+            return results if results["sr"]["status"] == "sent" and results["seg"]["attempts"] else None
+        results = server.wait_for(outcome, what="the SR sent and the SEG tried")
+        assert results["seg"]["status"] == "pending"
+        assert "does not accept Segmentation Storage" in results["seg"]["last_error"]
+        assert [p.name[:2] for p in (tmp_path / "pacs").iterdir()] == ["SR"]  # storescp names files by modality
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
 
 
 def test_results_reach_orthanc_by_stow_rs(serve, built_models, orthanc, tmp_path):
