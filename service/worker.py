@@ -94,6 +94,12 @@ def claim_job(store: Store, owner: str, lease_s: float) -> int | None:
         ).scalar_one_or_none()
         if job is None:
             return None
+        if job.status == RUNNING:  # its worker stopped renewing: crashed, killed or cut off
+            study_uid = session.get(Study, job.study_id).study_uid
+            add_event(session, owner, "job.lease_expired", study_uid, job=job.id, model=job.model,
+                      previous_owner=job.lease_owner, attempt=job.attempts + 1)
+            log.warning("job %d: the lease of %s ran out; running it again (attempt %d)",
+                        job.id, job.lease_owner, job.attempts + 1)
         job.status, job.lease_owner = RUNNING, owner
         job.lease_expires_at = now + timedelta(seconds=lease_s)
         job.attempts += 1

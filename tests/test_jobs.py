@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -145,6 +147,27 @@ def test_late_images_give_a_new_job_and_new_result_uids(serve, built_models, tmp
     assert {r["sop_instance_uid"] for r in first}.isdisjoint(
         {r["sop_instance_uid"] for r in second if r not in first})
     assert len(second) == 4
+
+
+def test_a_job_cut_off_by_a_crash_runs_again_once_its_lease_runs_out(serve, built_models, tmp_path):
+    study = phantom.write_study(tmp_path / "study", seed=36, views=False, slices=60)  # a job of a few seconds
+    settings = {"models": {"path": str(built_models)}, "worker": {"lease": 3}}
+    server = serve(**settings, extra=folder_setup(tmp_path))
+    assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 60
+    database = sqlite3.connect(f"file:{server.workdir / 'machaon.db'}?mode=ro", uri=True)
+    deadline = time.monotonic() + 60
+    while not database.execute("SELECT 1 FROM jobs WHERE status = 'running'").fetchone():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.02)
+    database.close()
+    server.stop(signal.SIGKILL)  # mid-job: the lease is left behind, unrenewed
+
+    restarted = serve(**settings, db_url=server.db_url, workdir=server.workdir, extra=folder_setup(tmp_path))
+    [job] = finished(restarted, study.study_uid)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    assert "job.lease_expired" in [e["action"] for e in restarted.study(study.study_uid)["events"]]
+    delivered(restarted, study.study_uid)
+    assert len(list((tmp_path / "out" / study.study_uid).rglob("*.dcm"))) == 2
 
 
 def test_results_reach_orthanc_where_a_viewer_finds_them_even_after_it_was_down(serve, built_models, orthanc, tmp_path):
