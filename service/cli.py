@@ -339,8 +339,9 @@ def _rules_test(settings: Settings, args) -> int:
 
 def _demo(settings: Settings, args) -> int:
     from .demo import run_demo, send_only
+    console = Console(highlight=False, soft_wrap=True)  # paths and UIDs stay whole, to copy and paste
     if args.send_only:
-        return send_only(args.send_only, settings.dicom.ae_title, out)
+        return send_only(args.send_only, settings.dicom.ae_title, console)
     from .serve import serve
     from .store import make_engine, upgrade
     engine = make_engine(settings.database.url)
@@ -348,7 +349,7 @@ def _demo(settings: Settings, args) -> int:
         upgrade(engine)  # the demo starts from nothing
     finally:
         engine.dispose()
-    serve(settings, on_ready=lambda stopping: run_demo(settings, out, stopping))
+    serve(settings, on_ready=lambda stopping: run_demo(settings, console, stopping))
     return 0
 
 
