@@ -107,6 +107,43 @@ class InferenceSettings(_Section):
                               self.tensorrt_cache)
 
 
+class TlsSettings(_Section):
+    """TLS to a destination: the CA certificates (PEM) that vouch for it, and our own certificate
+    and key for a peer that asks for one (DICOM TLS usually does). Loaded at start-up."""
+
+    ca_certificates: Path
+    certificate: Path | None = None
+    private_key: Path | None = None
+    check_hostname: bool = True  # the peer's certificate must name the host we connect to
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+    def context(self):
+        """An SSL context for connecting to the peer; ValueError names the file that cannot be used."""
+        import ssl
+
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_certificates))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"ca_certificates: cannot load {self.ca_certificates}: {_why(exc)}") from None
+        context.check_hostname = self.check_hostname
+        if self.certificate:
+            try:
+                context.load_cert_chain(self.certificate, self.private_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"certificate: cannot load {self.certificate} with {self.private_key}: "
+                                 f"{_why(exc)} (a PEM certificate and its own private key)") from None
+        return context
+
+
+def _why(exc: OSError) -> str:
+    return getattr(exc, "reason", None) or exc.strerror or str(exc)
+
+
 class FolderDestination(_Section):
     """Results written as files: <path>/<study>/<series>/<instance>.dcm."""
 
@@ -122,6 +159,7 @@ class DicomDestination(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     timeout: float = Field(30, gt=0)
+    tls: TlsSettings | None = None  # DICOM TLS (the PACS's TLS port, often 2762)
 
 
 class DicomWebDestination(_Section):
@@ -182,7 +220,12 @@ class Settings(_Section):
         return self
 
     def source_of(self, key: str) -> str:
-        return self.sources.get(key, "the built-in default")
+        """Where `key` was set; for a key inside a table (destinations.pacs.tls), where its table was."""
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0]
+        return "the built-in default"
 
     def error(self, key: str, problem: str) -> ConfigError:
         """A ConfigError about `key` (e.g. "dicom.port"), naming where it was set."""

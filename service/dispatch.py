@@ -10,6 +10,8 @@ repeated after a crash (acknowledged, not yet recorded) leaves one copy.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
@@ -54,9 +56,12 @@ def send_by_c_store(destination: DicomDestination, datasets: list[pydicom.Datase
         syntaxes = {ds.file_meta.TransferSyntaxUID for ds in datasets if ds.SOPClassUID == sop_class}
         ae.add_requested_context(sop_class, sorted(syntaxes | {ImplicitVRLittleEndian}))
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (destination.tls.context(), destination.host) if destination.tls else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    if assoc.is_rejected:
+        raise SendError(f"{where}: association rejected (is {calling_ae} known to that PACS?)")
     if not assoc.is_established:
-        raise SendError(f"{where}: association {'rejected' if assoc.is_rejected else 'failed'}")
+        raise SendError(f"{where}: association failed: {_no_connection(destination)}")
     try:
         accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
         for ds in datasets:
@@ -71,6 +76,24 @@ def send_by_c_store(destination: DicomDestination, datasets: list[pydicom.Datase
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _no_connection(destination: DicomDestination) -> str:
+    """Why no association could be made: pynetdicom only logs it, so the connection (and the
+    TLS handshake) is tried again here, where its error can be kept on the delivery."""
+    try:
+        with socket.create_connection((destination.host, destination.port), destination.timeout) as raw:
+            if destination.tls:
+                with destination.tls.context().wrap_socket(raw, server_hostname=destination.host):
+                    pass
+    except ssl.SSLCertVerificationError as exc:
+        return (f"TLS handshake failed: its certificate is not trusted ({exc.verify_message}); "
+                "check tls.ca_certificates")
+    except ssl.SSLError as exc:  # e.g. it wants a client certificate we did not give
+        return f"TLS handshake failed ({exc.reason or exc}); check the destination's tls settings"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "the peer did not answer the association request"
 
 
 def _refusal(where: str, ds: pydicom.Dataset, status) -> SendError | None:

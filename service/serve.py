@@ -102,8 +102,21 @@ def check_models(settings: Settings) -> None:
                 raise settings.error(f"rules.{i}.models", f"{exc}") from None
 
 
+def check_tls(settings: Settings) -> None:
+    """Certificates and keys are loaded at start-up, not found wanting at the first send."""
+    for name, destination in settings.destinations.items():
+        tls = getattr(destination, "tls", None)
+        if tls:
+            try:
+                tls.context()
+            except ValueError as exc:
+                key, _, problem = str(exc).partition(": ")
+                raise settings.error(f"destinations.{name}.tls.{key}", problem) from None
+
+
 def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, on_ready=None) -> None:
     check_models(settings)
+    check_tls(settings)
     spool = open_spool(settings)
     store = open_store(settings)
     try:

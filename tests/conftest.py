@@ -243,11 +243,11 @@ class Orthanc:
 
     PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, **settings):
         import json
         self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
         self.config = folder / "orthanc.json"
-        self.config.write_text(json.dumps({
+        self.config.write_text(json.dumps(settings | {
             "Name": "machaon-test", "StorageDirectory": str(folder / "storage"),
             "IndexDirectory": str(folder / "storage"), "DicomAet": "ORTHANC",
             "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
@@ -286,6 +286,24 @@ class Orthanc:
         import urllib.request
         with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
             return json.loads(response.read())
+
+
+def make_certificates(folder: Path) -> Path:
+    """A throwaway CA and two certificates it signs with openssl: `pacs` (for 127.0.0.1) and
+    `machaon` (a client), each as NAME.crt and NAME.key; also `other-ca.crt`, a CA that signed nothing."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                "-days", "2", "-subj", f"/CN=machaon test {ca}")
+    for name, san in (("pacs", "IP:127.0.0.1,DNS:localhost"), ("machaon", "DNS:machaon")):
+        (folder / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return folder
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from conftest import acknowledged, free_port, storescu
+from conftest import Orthanc, acknowledged, free_port, make_certificates, run_machaon, storescu
 from machaon import phantom
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
@@ -244,6 +244,51 @@ def test_a_pacs_that_refuses_seg_gets_the_sr_and_the_seg_waits_with_a_reason(ser
     finally:
         pacs.terminate()
         pacs.wait(10)
+
+
+def test_results_reach_orthanc_over_dicom_tls_and_a_wrong_ca_is_named(serve, built_models, tmp_path):
+    certs = make_certificates(tmp_path / "certs")
+    (tmp_path / "orthanc").mkdir()
+    orthanc = Orthanc(tmp_path / "orthanc", DicomTlsEnabled=True, DicomTlsCertificate=str(certs / "pacs.crt"),
+                      DicomTlsPrivateKey=str(certs / "pacs.key"),
+                      DicomTlsTrustedCertificates=str(certs / "ca.crt"), DicomTlsRemoteCertificateRequired=True)
+    orthanc.start()
+    try:
+        destination = ('[destinations.{name}]\ntype = "dicom"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+                       f'port = {orthanc.dicom_port}\n'
+                       '[destinations.{name}.tls]\nca_certificates = "{ca}"\n'
+                       f'certificate = "{certs / "machaon.crt"}"\nprivate_key = "{certs / "machaon.key"}"\n')
+        setup = (RULES.format(destination='pacs", "impostor')
+                 + destination.format(name="pacs", ca=certs / "ca.crt")
+                 + destination.format(name="impostor", ca=certs / "other-ca.crt"))  # trusts the wrong CA
+        study = phantom.write_study(tmp_path / "study", seed=33, views=False)
+        server = serve(models={"path": str(built_models)}, extra=setup)
+        assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 12
+
+        def outcome():
+            deliveries = [d for j in jobs_of(server, study.study_uid) for r in j["results"] for d in r["deliveries"]]
+            by = {(d["destination"], d["status"]) for d in deliveries}
+            return deliveries if len(deliveries) == 4 and by == {("pacs", "sent"), ("impostor", "pending")} \
+                and all(d["attempts"] for d in deliveries) else None
+        deliveries = server.wait_for(outcome, timeout=60, what="sent over TLS, and refused with the wrong CA")
+        for d in deliveries:
+            if d["destination"] == "impostor":
+                assert "TLS handshake failed: its certificate is not trusted" in d["last_error"], d["last_error"]
+        series = orthanc.get(f"/dicom-web/studies/{study.study_uid}/series")
+        assert sorted(s["00080060"]["Value"][0] for s in series) == ["SEG", "SR"]
+    finally:
+        orthanc.stop()
+
+
+def test_a_certificate_that_cannot_be_loaded_stops_start_up(built_models, tmp_path):
+    certs = make_certificates(tmp_path / "certs")
+    (tmp_path / "machaon.toml").write_text(
+        f'[models]\npath = "{built_models}"\n[destinations.pacs]\ntype = "dicom"\nae_title = "PACS"\n'
+        f'host = "127.0.0.1"\nport = 2762\n[destinations.pacs.tls]\nca_certificates = "{certs / "ca.crt"}"\n'
+        f'certificate = "{certs / "machaon.crt"}"\nprivate_key = "{certs / "pacs.key"}"\n')  # not its key
+    started = run_machaon("serve", config=tmp_path / "machaon.toml", timeout=60)
+    assert started.returncode == 78
+    assert f"destinations.pacs.tls.certificate (set in {tmp_path / 'machaon.toml'}): cannot load" in started.stderr
 
 
 def test_results_reach_orthanc_by_stow_rs(serve, built_models, orthanc, tmp_path):
