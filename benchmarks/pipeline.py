@@ -148,8 +148,8 @@ def main() -> int:
         run_machaon("db", "upgrade", env={"MACHAON_DATABASE_URL": db}, check=True)
         server = Server(work / "server", db, {
             "models": {"path": str(models)},
-            "completion": {"complete_after": QUIET, "check_every": 0.25},
-            "dispatch": {"check_every": 0.25}, "worker": {"batch_size": BATCH},
+            "completion": {"complete_after": QUIET, "check_every": 1},  # the embedded default
+            "worker": {"batch_size": BATCH},
         }, RULE.format(port=orthanc.dicom_port))
         server.start()
         store = Store(db)

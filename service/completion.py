@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -75,6 +75,15 @@ def _counts(session: Session, study_id: int) -> tuple[int, int]:
         .where(Series.study_id == study_id)
     ).one()
     return row[0], row[1]
+
+
+def next_due(store: Store, settings: CompletionSettings) -> datetime | None:
+    """When the study that went quiet first will have been quiet for `complete_after` (naive UTC),
+    so the scheduler can look then rather than at its next tick; None when nothing is receiving."""
+    with store.read_session() as session:
+        last = session.execute(select(func.min(Study.last_received_at))
+                               .where(Study.status == RECEIVING)).scalar_one_or_none()
+    return last + timedelta(seconds=settings.complete_after) if last else None
 
 
 def run_completion(store: Store, settings: CompletionSettings,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from .completion import run_completion
+from .completion import next_due, run_completion
 from .config import Settings
 from .dispatch import run_dispatch
 from .spool import Spool
@@ -30,6 +31,11 @@ def build_scheduler(settings: Settings, store: Store, spool: Spool,
         run_completion(store, settings.completion, studies_in_flight)
         if plan_jobs(store, spool, settings.rules):
             workers.wake()
+        # Look again the moment the next study is due to go quiet, not up to check_every later.
+        due = next_due(store, settings.completion)
+        job = scheduler.get_job("completion")
+        if due and job and job.next_run_time and due.replace(tzinfo=UTC) < job.next_run_time:
+            job.modify(next_run_time=due.replace(tzinfo=UTC))
 
     scheduler.add_job(complete_and_plan, "interval", id="completion", seconds=settings.completion.check_every)
     scheduler.add_job(run_dispatch, "interval", id="dispatch", seconds=settings.dispatch.check_every,

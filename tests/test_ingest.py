@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -63,6 +64,24 @@ def test_series_is_kept_byte_identical_completed_and_reopened(serve, ct_series, 
     listed = server.machaon("studies", "list", "--status", "complete", "--json")
     assert [s["study_uid"] for s in json.loads(listed.stdout)] == [header.StudyInstanceUID]
     assert server.stop() == 0
+
+
+def test_a_study_completes_when_its_quiet_period_ends_not_at_the_next_tick(serve, tmp_path):
+    """The scheduler looks again the moment a study is due, however sparse its regular ticks."""
+    quiet = 3.0
+    server = serve(completion={"complete_after": quiet, "check_every": 2.9})
+    studies = []
+    for n in range(2):
+        series = write_ct_series(tmp_path / f"study{n}", slices=2, size=64, seed=100 + n)
+        assert acknowledged(storescu(server.port, *series).stderr) == 2
+        studies.append(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+        time.sleep(1.1)  # the second study falls at another point between two ticks
+    for study_uid in studies:
+        shown = server.wait_for(lambda uid=study_uid: (s := server.study(uid))["status"] == "complete" and s,
+                                what="the study to complete")
+        last = datetime.fromisoformat(shown["series"][0]["last_received_at"])
+        completed = datetime.fromisoformat(shown["completed_at"])
+        assert (completed - last).total_seconds() == pytest.approx(quiet, abs=0.5)
 
 
 def test_study_waits_for_its_sender_to_close_the_association(serve, ct_series):
