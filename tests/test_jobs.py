@@ -53,9 +53,11 @@ def delivered(server, study_uid: str):
     return server.wait_for(check, timeout=60, what=f"results of {study_uid} delivered")
 
 
-def test_phantom_study_gets_a_seg_and_sr_in_the_folder(serve, built_models, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_phantom_study_gets_a_seg_and_sr_in_the_folder(serve, built_models, tmp_path, backend, request):
     study = phantom.write_study(tmp_path / "study", seed=31)
-    server = serve(models={"path": str(built_models)}, extra=folder_setup(tmp_path))
+    db_url = request.getfixturevalue("pg_store_url") if backend == "postgresql" else None
+    server = serve(db_url=db_url, models={"path": str(built_models)}, extra=folder_setup(tmp_path))
     sent = storescu(server.port, *study.sax_files, *study.view_files.values(), aet="MRI1")
     assert acknowledged(sent.stderr) == phantom.SAX_SLICES + 3
     [job] = finished(server, study.study_uid)
