@@ -10,7 +10,8 @@ that completion waits for by design:
 - queue wait: from completion to the job starting (planning included);
 - load and decode, prepare, inference, encode results, write results: the job's
   own stages, from its job.succeeded event;
-- sending: from the job's end to the last result acknowledged by Orthanc.
+- sending: from the job's end to the last result acknowledged by Orthanc; beside
+  it, DCMTK's storescu sending the same two files to the same Orthanc (the peer).
 
 The overhead ratio is the job's whole time over pure ONNX Runtime time for the
 same slices (the same model_input, the same batch size, in this process),
@@ -114,15 +115,21 @@ def one_study(server: Server, store, orthanc: Orthanc, peer: PureOnnxRuntime, wo
     [job] = study_now["jobs"]
     stages = events["job.succeeded"]["detail"]["seconds"]
     completed = at(events["study.completed"]["at"])
-    # Measured right after the job, while the service sits idle: the peer sees the same machine.
+    # Measured right after the job, while the service sits idle: the peers see the same machine.
     pure = peer.seconds(study.sax_files)
     job_seconds = at(job["finished_at"]) - at(job["started_at"])
+    results = sorted(server.spool.glob(f"results/{study.study_uid}/*/*.dcm"))
+    started = time.perf_counter()
+    resent = storescu(orthanc.dicom_port, *results, aet="MACHAON", aec="ORTHANC", extra=("-R",))
+    storescu_sending = time.perf_counter() - started
+    assert resent.returncode == 0 and len(results) == 2, resent.stderr
     return {
         "total_minus_quiet": arrived - acked - QUIET,
         "detection": completed - (acked + QUIET),
         "queue_wait": at(job["started_at"]) - completed,
         **stages,
         "sending": arrived - at(job["finished_at"]),
+        "storescu_sending": storescu_sending,
         "job": job_seconds,
         "pure_onnxruntime": pure,
         "overhead_ratio": job_seconds / pure,
@@ -165,8 +172,8 @@ def main() -> int:
     for r in rounds:
         r["outside_inference"] = r["total_minus_quiet"] - r["inference"]
     keys = ["total_minus_quiet", "detection", "queue_wait", "load_model", "read_and_decode", "prepare",
-            "inference", "encode_results", "write_results", "sending", "outside_inference", "job",
-            "pure_onnxruntime", "overhead_ratio"]
+            "inference", "encode_results", "write_results", "sending", "storescu_sending",
+            "outside_inference", "job", "pure_onnxruntime", "overhead_ratio"]
     medians = {k: statistics.median(r[k] for r in rounds) for k in keys}
     for k, v in medians.items():
         print(f"{k:<20} {v:8.3f}{'' if k == 'overhead_ratio' else ' s'}")

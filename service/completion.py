@@ -78,12 +78,13 @@ def _counts(session: Session, study_id: int) -> tuple[int, int]:
 
 
 def next_due(store: Store, settings: CompletionSettings) -> datetime | None:
-    """When the study that went quiet first will have been quiet for `complete_after` (naive UTC),
-    so the scheduler can look then rather than at its next tick; None when nothing is receiving."""
+    """When the next study being received will have been quiet for `complete_after` (naive UTC),
+    so the scheduler can look then rather than at its next tick; None when none is due later."""
+    quiet = timedelta(seconds=settings.complete_after)
     with store.read_session() as session:
-        last = session.execute(select(func.min(Study.last_received_at))
-                               .where(Study.status == RECEIVING)).scalar_one_or_none()
-    return last + timedelta(seconds=settings.complete_after) if last else None
+        last = session.execute(select(func.min(Study.last_received_at)).where(
+            Study.status == RECEIVING, Study.last_received_at > utcnow() - quiet)).scalar_one_or_none()
+    return last + quiet if last else None
 
 
 def run_completion(store: Store, settings: CompletionSettings,

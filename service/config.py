@@ -107,6 +107,14 @@ class InferenceSettings(_Section):
                               self.tensorrt_cache)
 
 
+class TlsError(ValueError):
+    """A TLS file that cannot be used; `key` is its key within the tls table."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
 class TlsSettings(_Section):
     """TLS to a destination: the CA certificates (PEM) that vouch for it, and our own certificate
     and key for a peer that asks for one (DICOM TLS usually does). Loaded at start-up."""
@@ -119,29 +127,38 @@ class TlsSettings(_Section):
     @model_validator(mode="after")
     def _pair(self) -> TlsSettings:
         if (self.certificate is None) != (self.private_key is None):
-            raise ValueError("certificate and private_key go together")
+            raise ValueError("set both certificate and private_key, or neither")
         return self
 
     def context(self):
-        """An SSL context for connecting to the peer; ValueError names the file that cannot be used."""
+        """An SSL context for connecting to the peer; TlsError names the file that cannot be used."""
         import ssl
 
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_certificates))
         except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"ca_certificates: cannot load {self.ca_certificates}: {_why(exc)}") from None
+            raise TlsError("ca_certificates", f"cannot load {self.ca_certificates}: {_why(exc)}") from None
         context.check_hostname = self.check_hostname
         if self.certificate:
             try:
-                context.load_cert_chain(self.certificate, self.private_key)
-            except (OSError, ssl.SSLError) as exc:
-                raise ValueError(f"certificate: cannot load {self.certificate} with {self.private_key}: "
-                                 f"{_why(exc)} (a PEM certificate and its own private key)") from None
+                # A key protected by a pass phrase would make OpenSSL ask for it on the terminal.
+                context.load_cert_chain(self.certificate, self.private_key, password=_no_pass_phrase)
+            except (OSError, ValueError) as exc:
+                raise TlsError("certificate", f"cannot use {self.certificate} with {self.private_key}: "
+                               f"{_why(exc)}") from None
         return context
 
 
-def _why(exc: OSError) -> str:
-    return getattr(exc, "reason", None) or exc.strerror or str(exc)
+def _no_pass_phrase():
+    raise ValueError("the private key is protected by a pass phrase; give machaon a key without one, "
+                     "readable by machaon alone")
+
+
+def _why(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None)
+    if reason == "KEY_VALUES_MISMATCH":
+        return "the private key does not belong to the certificate"
+    return reason or getattr(exc, "strerror", None) or str(exc)
 
 
 class FolderDestination(_Section):

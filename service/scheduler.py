@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from datetime import UTC
+from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -34,8 +34,10 @@ def build_scheduler(settings: Settings, store: Store, spool: Spool,
         # Look again the moment the next study is due to go quiet, not up to check_every later.
         due = next_due(store, settings.completion)
         job = scheduler.get_job("completion")
-        if due and job and job.next_run_time and due.replace(tzinfo=UTC) < job.next_run_time:
-            job.modify(next_run_time=due.replace(tzinfo=UTC))
+        if due and job and job.next_run_time:
+            due = due.replace(tzinfo=UTC)
+            if datetime.now(UTC) < due < job.next_run_time:
+                job.modify(next_run_time=due)
 
     scheduler.add_job(complete_and_plan, "interval", id="completion", seconds=settings.completion.check_every)
     scheduler.add_job(run_dispatch, "interval", id="dispatch", seconds=settings.dispatch.check_every,

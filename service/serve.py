@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy.exc
 
-from .config import Settings
+from .config import Settings, TlsError
 from .inference import Sessions
 from .manifest import PackageError, load_package
 from .scheduler import build_scheduler
@@ -109,9 +109,8 @@ def check_tls(settings: Settings) -> None:
         if tls:
             try:
                 tls.context()
-            except ValueError as exc:
-                key, _, problem = str(exc).partition(": ")
-                raise settings.error(f"destinations.{name}.tls.{key}", problem) from None
+            except TlsError as exc:
+                raise settings.error(f"destinations.{name}.tls.{exc.key}", exc.problem) from None
 
 
 def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, on_ready=None) -> None:

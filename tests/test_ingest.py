@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -81,7 +82,12 @@ def test_a_study_completes_when_its_quiet_period_ends_not_at_the_next_tick(serve
                                 what="the study to complete")
         last = datetime.fromisoformat(shown["series"][0]["last_received_at"])
         completed = datetime.fromisoformat(shown["completed_at"])
-        assert (completed - last).total_seconds() == pytest.approx(quiet, abs=0.5)
+        assert (completed - last).total_seconds() == pytest.approx(quiet, abs=0.25)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def test_study_waits_for_its_sender_to_close_the_association(serve, ct_series):
@@ -94,8 +100,10 @@ def test_study_waits_for_its_sender_to_close_the_association(serve, ct_series):
     assoc = ae.associate("127.0.0.1", server.port, ae_title="MACHAON")
     header = pydicom.dcmread(ct_series[0])
     assert assoc.send_c_store(header).Status == 0
+    cpu_before = _cpu_seconds(server.proc.pid)
     time.sleep(3)  # three times complete_after
     assert server.study(header.StudyInstanceUID)["status"] == "receiving"
+    assert _cpu_seconds(server.proc.pid) - cpu_before < 1.0  # it waited, it did not spin
     assoc.release()
     server.wait_for(lambda: server.study(header.StudyInstanceUID)["status"] == "complete",
                     what="the study to complete once its sender let go")

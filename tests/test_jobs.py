@@ -224,14 +224,15 @@ def test_a_pacs_that_refuses_seg_gets_the_sr_and_the_seg_waits_with_a_reason(ser
     (tmp_path / "pacs").mkdir()
     (tmp_path / "no-seg.cfg").write_text(NO_SEG_PROFILE)
     port = free_port()
-    pacs = subprocess.Popen(["storescp", "-aet", "OLDPACS", "-od", str(tmp_path / "pacs"),
+    pacs_log = (tmp_path / "storescp.log").open("w")
+    pacs = subprocess.Popen(["storescp", "-v", "-aet", "OLDPACS", "-od", str(tmp_path / "pacs"),
                              "-xf", str(tmp_path / "no-seg.cfg"), "NoSeg", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=pacs_log, stderr=subprocess.STDOUT)
     try:
         setup = RULES.format(destination="pacs") + (
             f'[destinations.pacs]\ntype = "dicom"\nae_title = "OLDPACS"\nhost = "127.0.0.1"\nport = {port}\n')
         study = phantom.write_study(tmp_path / "study", seed=39, views=False)
-        server = serve(models={"path": str(built_models)}, extra=setup)
+        server = serve(models={"path": str(built_models)}, dispatch={"retry_initial": 60}, extra=setup)
         assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 12
         [job] = finished(server, study.study_uid)
         assert job["status"] == "succeeded", job["error"]
@@ -243,9 +244,11 @@ def test_a_pacs_that_refuses_seg_gets_the_sr_and_the_seg_waits_with_a_reason(ser
         assert results["seg"]["status"] == "pending"
         assert "does not accept Segmentation Storage" in results["seg"]["last_error"]
         assert [p.name[:2] for p in (tmp_path / "pacs").iterdir()] == ["SR"]  # storescp names files by modality
+        assert (tmp_path / "storescp.log").read_text().count("Association Received") == 1  # both results, one association
     finally:
         pacs.terminate()
         pacs.wait(10)
+        pacs_log.close()
 
 
 def test_results_reach_orthanc_over_dicom_tls_and_a_wrong_ca_is_named(serve, built_models, tmp_path):
@@ -260,9 +263,10 @@ def test_results_reach_orthanc_over_dicom_tls_and_a_wrong_ca_is_named(serve, bui
                        f'port = {orthanc.dicom_port}\n'
                        '[destinations.{name}.tls]\nca_certificates = "{ca}"\n'
                        f'certificate = "{certs / "machaon.crt"}"\nprivate_key = "{certs / "machaon.key"}"\n')
-        setup = (RULES.format(destination='pacs", "impostor')
+        setup = (RULES.format(destination='pacs", "impostor", "stranger')
                  + destination.format(name="pacs", ca=certs / "ca.crt")
-                 + destination.format(name="impostor", ca=certs / "other-ca.crt"))  # trusts the wrong CA
+                 + destination.format(name="impostor", ca=certs / "other-ca.crt")  # trusts the wrong CA
+                 + destination.format(name="stranger", ca=certs / "ca.crt").split("certificate = ")[0])  # no cert
         study = phantom.write_study(tmp_path / "study", seed=33, views=False)
         server = serve(models={"path": str(built_models)}, extra=setup)
         assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 12
@@ -270,12 +274,13 @@ def test_results_reach_orthanc_over_dicom_tls_and_a_wrong_ca_is_named(serve, bui
         def outcome():
             deliveries = [d for j in jobs_of(server, study.study_uid) for r in j["results"] for d in r["deliveries"]]
             by = {(d["destination"], d["status"]) for d in deliveries}
-            return deliveries if len(deliveries) == 4 and by == {("pacs", "sent"), ("impostor", "pending")} \
-                and all(d["attempts"] for d in deliveries) else None
-        deliveries = server.wait_for(outcome, timeout=60, what="sent over TLS, and refused with the wrong CA")
-        for d in deliveries:
-            if d["destination"] == "impostor":
-                assert "TLS handshake failed: its certificate is not trusted" in d["last_error"], d["last_error"]
+            expected = {("pacs", "sent"), ("impostor", "pending"), ("stranger", "pending")}
+            return deliveries if len(deliveries) == 6 and by == expected and all(d["attempts"] for d in deliveries) \
+                else None
+        deliveries = server.wait_for(outcome, timeout=60, what="sent over TLS, refused with the wrong CA or no cert")
+        errors = {d["destination"]: d["last_error"] for d in deliveries}
+        assert "TLS handshake failed: its certificate is not trusted" in errors["impostor"], errors
+        assert "TLS refused by the PACS" in errors["stranger"] and "client certificate" in errors["stranger"], errors
         series = orthanc.get(f"/dicom-web/studies/{study.study_uid}/series")
         assert sorted(s["00080060"]["Value"][0] for s in series) == ["SEG", "SR"]
     finally:
@@ -290,7 +295,8 @@ def test_a_certificate_that_cannot_be_loaded_stops_start_up(built_models, tmp_pa
         f'certificate = "{certs / "machaon.crt"}"\nprivate_key = "{certs / "pacs.key"}"\n')  # not its key
     started = run_machaon("serve", config=tmp_path / "machaon.toml", timeout=60)
     assert started.returncode == 78
-    assert f"destinations.pacs.tls.certificate (set in {tmp_path / 'machaon.toml'}): cannot load" in started.stderr
+    assert f"destinations.pacs.tls.certificate (set in {tmp_path / 'machaon.toml'}): cannot use" in started.stderr
+    assert "the private key does not belong to the certificate" in started.stderr
 
 
 def test_results_reach_orthanc_by_stow_rs(serve, built_models, orthanc, tmp_path):
