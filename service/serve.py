@@ -11,7 +11,6 @@ import logging
 import signal
 import threading
 import time
-from datetime import UTC, datetime
 
 import sqlalchemy.exc
 
@@ -128,7 +127,7 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
         workers = Workers(runner, settings.worker.threads)
         scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight, workers)
         # New results are sent at once rather than at the dispatcher's next tick.
-        runner.on_results = lambda: scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
+        runner.on_results = lambda: scheduler.run_soon("dispatch")
         scheduler.start()
         workers.start()
         if on_ready:
@@ -136,7 +135,7 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
         while not stopping.wait(1):
             pass
         scp.stop(settings.dicom.shutdown_grace, hurry)
-        scheduler.shutdown(wait=True)
+        scheduler.stop()
         workers.stop()
     finally:
         store.dispose()

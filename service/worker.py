@@ -150,17 +150,21 @@ class Runner:
         job_id = claim_job(self.store, self.owner, self.settings.worker.lease)
         if job_id is None:
             return False
+        queued = False
         with _Lease(self.store, job_id, self.owner, self.settings.worker.lease):
             try:
-                self._run(job_id)
+                queued = self._run(job_id)
             except (JobError, PrepareError, PackageError) as exc:
                 self._fail(job_id, str(exc))
             except Exception as exc:  # a bug must fail one job, not the worker
                 log.error("job %d: internal error\n%s", job_id, traceback.format_exc())
                 self._fail(job_id, f"internal error: {exc!r} (details in the service log)")
+        if queued:
+            self.on_results()
         return True
 
-    def _run(self, job_id: int) -> None:
+    def _run(self, job_id: int) -> bool:
+        """Run one job to its end; True when it queued deliveries."""
         with self.store.read_session() as session:
             job = session.get(Job, job_id)
             series_row = session.get(SeriesRow, job.series_id)
@@ -186,16 +190,16 @@ class Runner:
             self.spool.write(ds, relative)
             kept.append((kind, ds, relative))
         clock.lap("write_results")
-        self._succeed(job_id, study_uid, kept, destinations, clock.laps)
+        return self._succeed(job_id, study_uid, kept, destinations, clock.laps)
 
     def _succeed(self, job_id: int, study_uid: str, kept: list, destinations: list[str],
-                 seconds: dict[str, float]) -> None:
+                 seconds: dict[str, float]) -> bool:
         now = utcnow()
         with self.store.session.begin() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job.status != RUNNING or job.lease_owner != self.owner:
                 log.warning("job %d was taken over while it ran; its results are left to the new run", job_id)
-                return
+                return False
             for kind, ds, relative in kept:
                 result = session.execute(select(Result).where(Result.sop_instance_uid == ds.SOPInstanceUID)
                                          ).scalar_one_or_none()
@@ -214,8 +218,7 @@ class Runner:
             add_event(session, self.owner, "job.succeeded", study_uid, job=job_id, model=job.model,
                       results=[ds.SOPInstanceUID for _, ds, _ in kept], seconds=seconds)
         log.info("job %d (%s) succeeded: %s", job_id, job.model, ", ".join(k for k, _, _ in kept))
-        if destinations:
-            self.on_results()
+        return bool(destinations)
 
     def _fail(self, job_id: int, reason: str) -> None:
         with self.store.session.begin() as session:
