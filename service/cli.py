@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="receive studies and process them")
     p.set_defaults(run=_serve)
 
+    p = sub.add_parser("worker", parents=[common],
+                       help="run jobs only, beside a `machaon serve` sharing the job store and spool")
+    p.set_defaults(run=_worker)
+
     db = sub.add_parser("db", help="job store maintenance").add_subparsers(required=True, metavar="ACTION")
     p = db.add_parser("upgrade", parents=[common], help="create or migrate the job store's tables")
     p.set_defaults(run=_db_upgrade)
@@ -122,6 +126,11 @@ def _setup_logging(settings: Settings) -> None:
 def _serve(settings: Settings, _args) -> None:
     from .serve import serve
     serve(settings)
+
+
+def _worker(settings: Settings, _args) -> None:
+    from .serve import work
+    work(settings)
 
 
 def _db_upgrade(settings: Settings, _args) -> None:

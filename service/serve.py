@@ -72,19 +72,32 @@ def serve(settings: Settings, on_ready=None) -> None:
     """Run until SIGTERM or Ctrl-C; a second Ctrl-C aborts transfers in flight.
 
     `on_ready(stopping)`, if given, runs in its own thread once everything is up (the demo)."""
+    _until_stopped(lambda stopping, hurry: _run(settings, stopping, hurry, on_ready),
+                   f"letting transfers in flight finish (up to {settings.dicom.shutdown_grace:.0f} s; "
+                   "Ctrl-C again aborts them)")
+
+
+def work(settings: Settings) -> None:
+    """`machaon worker`: only the job workers, beside a `machaon serve` that shares the
+    job store and the spool, until SIGTERM or Ctrl-C."""
+    _until_stopped(lambda stopping, hurry: _work(settings, stopping, hurry),
+                   "letting running jobs finish (Ctrl-C again leaves them to another worker)")
+
+
+def _until_stopped(run, finishing: str) -> None:
+    """`run(stopping, hurry)` with SIGTERM and Ctrl-C setting `stopping`, and a second one `hurry`."""
     stopping, hurry = threading.Event(), threading.Event()
 
     def on_signal(signum, _frame):
         if stopping.is_set():
             hurry.set()
             return
-        log.info("%s: stopping; letting transfers in flight finish (up to %.0f s; "
-                 "Ctrl-C again aborts them)", signal.Signals(signum).name, settings.dicom.shutdown_grace)
+        log.info("%s: stopping; %s", signal.Signals(signum).name, finishing)
         stopping.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _run(settings, stopping, hurry, on_ready)
+        run(stopping, hurry)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -136,6 +149,25 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
             pass
         scp.stop(settings.dicom.shutdown_grace, hurry)
         scheduler.stop()
-        workers.stop()
+        workers.stop(hurry)
+    finally:
+        store.dispose()
+
+
+def _work(settings: Settings, stopping: threading.Event, hurry: threading.Event) -> None:
+    if settings.worker.threads == 0:
+        raise settings.error("worker.threads", "is 0: a worker without threads would run nothing")
+    check_models(settings)
+    spool = open_spool(settings)
+    store = open_store(settings)
+    try:
+        runner = Runner(settings, store, spool, Sessions(settings.inference.runtime_options()))
+        workers = Workers(runner, settings.worker.threads)
+        workers.start()
+        log.info("worker %s: %d thread(s) taking jobs from %s", runner.owner, settings.worker.threads,
+                 store.engine.url.render_as_string(hide_password=True))
+        while not stopping.wait(1):
+            pass
+        workers.stop(hurry)
     finally:
         store.dispose()

@@ -280,9 +280,15 @@ class Workers:
             self.woken.wait(self.idle_s)
             self.woken.clear()
 
-    def stop(self) -> None:
-        """Let running jobs finish, then stop."""
+    def stop(self, hurry: threading.Event | None = None) -> None:
+        """Let running jobs finish, then stop; once `hurry` is set, leave them: their leases
+        run out and another worker, or this one started again, runs them from the start."""
         self.stopping.set()
         self.woken.set()
-        for thread in self.threads:
-            thread.join()
+        while any(t.is_alive() for t in self.threads) and not (hurry and hurry.is_set()):
+            for thread in self.threads:
+                thread.join(0.2)
+        running = sum(t.is_alive() for t in self.threads)
+        if running:
+            log.warning("leaving %d running job(s) to be taken over once their lease runs out "
+                        "(worker.lease = %.0f s)", running, self.runner.settings.worker.lease)

@@ -4,17 +4,20 @@ model runs, and the SEG and SR reach their destination; failures are kept on the
 from __future__ import annotations
 
 import re
+import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import highdicom as hd
+import psycopg
 import pydicom
 import pytest
-from conftest import Orthanc, acknowledged, free_port, make_certificates, run_machaon, storescu
+from conftest import MACHAON, Orthanc, acknowledged, free_port, make_certificates, run_machaon, storescu
 from machaon import phantom
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
@@ -80,6 +83,41 @@ def test_phantom_study_gets_a_seg_and_sr_in_the_folder(serve, built_models, tmp_
     sr = next(hd.sr.srread(p) for p in files if pydicom.dcmread(p).Modality == "SR")
     [volume] = sr.content.get_volumetric_roi_measurement_groups()
     assert volume.get_measurements()[0].value == pytest.approx(study.cavity_volume_ml, rel=0.10)
+
+
+@pytest.mark.postgres
+def test_an_extra_worker_process_runs_the_jobs_beside_serve(serve, built_models, tmp_path, pg_store_url):
+    # `machaon serve` receives and delivers but runs no jobs itself; `machaon worker`, with
+    # the same configuration and job store, takes them.
+    server = serve(db_url=pg_store_url, models={"path": str(built_models)}, worker={"threads": 0},
+                   dispatch={"check_every": 0.5}, extra=folder_setup(tmp_path))
+    idle = run_machaon("worker", config=server.config)
+    assert idle.returncode == 78 and "worker.threads" in idle.stderr and "would run nothing" in idle.stderr
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen([MACHAON, "worker", "--config", str(server.config)], stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "MACHAON_WORKER_THREADS": "1"})
+    try:
+        study = phantom.write_study(tmp_path / "study", seed=30, views=False, slices=60)  # a job of seconds
+        assert acknowledged(storescu(server.port, *study.sax_files).stderr) == 60
+        with psycopg.connect(pg_store_url.replace("+psycopg", ""), autocommit=True) as database:
+            deadline = time.monotonic() + 60
+            while not database.execute("SELECT 1 FROM jobs WHERE status = 'running'").fetchone():
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.02)
+        worker.send_signal(signal.SIGTERM)  # mid-job: the job is let finish first
+        assert worker.wait(60) == 0
+        [job] = finished(server, study.study_uid)
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        delivered(server, study.study_uid)
+        actors = {e["action"]: e["actor"] for e in server.study(study.study_uid)["events"]}
+        assert actors["job.succeeded"] == f"{socket.gethostname()}:{worker.pid}"
+        assert actors["result.sent"] == "dispatcher"
+        assert len(list((tmp_path / "out" / study.study_uid).rglob("*.dcm"))) == 2
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        log.close()
+    assert "1 thread(s) taking jobs from postgresql+psycopg://" in (tmp_path / "worker.log").read_text()
 
 
 def _spoil(study, how: str) -> None:
