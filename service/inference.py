@@ -92,6 +92,7 @@ class Model:
 
         self.package = package
         self.precision = precision
+        self.sha256 = package.manifest.sha256_for(precision)
         path = package.onnx_path(precision)
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
@@ -124,7 +125,8 @@ class Model:
 
 
 class Sessions:
-    """The process's sessions: one per (model, precision), created on first use."""
+    """The process's sessions: one per (model, precision), created on first use, and again when
+    the package was rebuilt meanwhile (the service keeps running across `machaon models build`)."""
 
     def __init__(self, options: RuntimeOptions):
         self.options = options
@@ -134,9 +136,13 @@ class Sessions:
     def get(self, package: Package, precision: str = "fp32") -> Model:
         key = (package.name, precision)
         with self._lock:  # creating a session takes seconds; two threads must not both do it
-            if key not in self._models:
-                self._models[key] = Model(package, precision, self.options)
-            return self._models[key]
+            model = self._models.get(key)
+            if model is None or model.sha256 != package.manifest.sha256_for(precision):
+                if model is not None:
+                    log.info("model %s was rebuilt (version %s, now %s): loading it again", package.name,
+                             model.package.manifest.version, package.manifest.version)
+                model = self._models[key] = Model(package, precision, self.options)
+            return model
 
 
 def normalise(pixels: np.ndarray, spec: Normalisation) -> np.ndarray:

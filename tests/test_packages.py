@@ -34,9 +34,9 @@ MANIFEST = {
 }
 
 
-def tiny_onnx(path: Path) -> None:
+def tiny_onnx(path: Path, seed: int = 0) -> None:
     """A real ONNX model: (N, 8, 8, 1) -> softmax over 2 classes."""
-    weights = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32), "w")
+    weights = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((64, 2)).astype(np.float32), "w")
     shape = numpy_helper.from_array(np.array([-1, 64], dtype=np.int64), "shape")
     graph = helper.make_graph(
         [helper.make_node("Reshape", ["input", "shape"], ["flat"]),
@@ -132,6 +132,21 @@ def test_a_package_loads_and_its_session_is_created_once(tmp_path):
     assert sessions.get(package) is model
     out = model.run(np.zeros((3, 8, 8, 1), np.float32))
     assert out.shape == (3, 2) and np.allclose(out.sum(axis=1), 1, atol=1e-6)
+
+
+def test_a_package_rebuilt_while_serving_gets_a_new_session(tmp_path):
+    folder = make_package(tmp_path / "tiny-views")
+    sessions = Sessions(RuntimeOptions(providers=("cpu",)))
+    before = sessions.get(Package(folder))
+    tiny_onnx(folder / "model.onnx", seed=1)  # as `machaon models build` leaves it: new weights, new manifest
+    data = tomllib.loads((folder / "manifest.toml").read_text())
+    data["version"], data["provenance"]["sha256"] = "1.0.1", sha256_of(folder / "model.onnx")
+    (folder / "manifest.toml").write_text(tomli_w.dumps(data))
+    after = sessions.get(Package(folder))
+    assert after is not before and after.package.manifest.version == "1.0.1"
+    image = np.random.default_rng(2).standard_normal((1, 8, 8, 1)).astype(np.float32)
+    assert not np.allclose(after.run(image), before.run(image))  # the new weights run, not the old ones
+    assert sessions.get(Package(folder)) is after
 
 
 def test_missing_onnx_file_is_named(tmp_path):
