@@ -3,8 +3,8 @@ model runs, and the SEG and SR reach their destination; failures are kept on the
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import shutil
 import signal
 import socket
