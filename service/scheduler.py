@@ -66,9 +66,9 @@ def build_scheduler(settings: Settings, store: Store, spool: Spool,
         if plan_jobs(store, spool, settings.rules):
             workers.wake()
         # Look again the moment the next study is due to go quiet, not up to check_every later.
-        due = next_due(store, settings.completion)
-        if due and due.replace(tzinfo=UTC) > datetime.now(UTC):
-            scheduler.run_soon("completion", due.replace(tzinfo=UTC))
+        due = next_due(store, settings.completion)  # naive UTC, or None
+        if due and (due := due.replace(tzinfo=UTC)) > datetime.now(UTC):
+            scheduler.run_soon("completion", due)
 
     aps = scheduler.aps
     aps.add_job(complete_and_plan, "interval", id="completion", seconds=settings.completion.check_every)
