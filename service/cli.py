@@ -165,6 +165,8 @@ def _studies_list(settings: Settings, args) -> None:
     table.add_column("Study Instance UID", overflow="fold")
     for r in rows:
         status = r["status"] + (f" ({r['completion_count']}x)" if r["completion_count"] > 1 else "")
+        if r["planning_error"]:
+            status += ", [red]planning failed[/]"
         table.add_row(r["patient_id"] or "", r["study_date"] or "", str(r["series_count"]),
                       str(r["instance_count"]), status, r["last_received_at"][:19].replace("T", " "),
                       r["study_uid"])
@@ -188,6 +190,8 @@ def _studies_show(settings: Settings, args) -> int:
     for key in ("patient_id", "patient_name", "accession_number", "study_date", "study_description",
                 "first_received_at", "last_received_at", "completed_at", "completion_count"):
         out.print(f"  {key.replace('_', ' ')}: {study[key] if study[key] is not None else ''}")
+    if study["planning_error"]:
+        out.print(f"  [red]planning failed[/]: {study['planning_error']}")
     series = Table("Modality", "No.", "Description", "Images", "Status", box=None)
     series.add_column("Series Instance UID", overflow="fold")
     for s in study["series"]:
@@ -197,7 +201,8 @@ def _studies_show(settings: Settings, args) -> int:
     if study["jobs"]:
         jobs = Table("Job", "Model", "Rule", "Status", "Attempts", "Error / results", box=None)
         for j in study["jobs"]:
-            detail = j["error"] or ", ".join(f"{r['kind']} -> " + ", ".join(
+            superseded = j["superseded_by"] and f"superseded by job {j['superseded_by']}"
+            detail = j["error"] or superseded or ", ".join(f"{r['kind']} -> " + ", ".join(
                 f"{d['destination']} {d['status']}" for d in r["deliveries"]) for r in j["results"])
             jobs.add_row(str(j["id"]), j["model"], j["rule"] or "", j["status"], str(j["attempts"]), detail)
         out.print(jobs)
@@ -315,18 +320,21 @@ def _rules_test(settings: Settings, args) -> int:
 
     from .rules import explain, series_in_folder, series_in_store
     if Path(args.target).exists():
-        found = series_in_folder(Path(args.target))
+        found, problems = series_in_folder(Path(args.target))
     else:
         from .serve import open_store
         from .spool import Spool
         store = open_store(settings)
         with store.read_session() as session:  # reads the spool, never writes to it
-            found = series_in_store(session, Spool(settings.spool.path), args.target)
+            in_store = series_in_store(session, Spool(settings.spool.path), args.target)
         store.dispose()
-        if found is None:
+        if in_store is None:
             return _fail(f"{args.target} is neither a path nor a received study's UID")
+        found, problems = in_store
+    for problem in problems:  # named, and the other files still tested
+        out.print(f"[yellow]skipped[/] {problem}")
     if not found:
-        return _fail(f"no DICOM series in {args.target}")
+        return _fail(f"no readable DICOM series in {args.target}")
     if not settings.rules:
         out.print("no rules are configured ([[rules]] in the configuration)")
     for facts in found:

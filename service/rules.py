@@ -80,15 +80,41 @@ class SeriesFacts:
     def from_headers(cls, headers: list[Dataset], calling_aets: Iterable[str] = ()) -> SeriesFacts:
         first = headers[0]
         return cls(
-            series_uid=str(first.get("SeriesInstanceUID", "")), modality=str(first.get("Modality", "")),
-            sop_classes={str(ds.get("SOPClassUID", "")) for ds in headers},
-            series_description=str(first.get("SeriesDescription", "")),
-            protocol_name=str(first.get("ProtocolName", "")),
-            body_part=str(first.get("BodyPartExamined", "")),
-            image_type=tuple(str(v) for v in (first.get("ImageType") or [])),
+            series_uid=_text(first, "SeriesInstanceUID"), modality=_text(first, "Modality"),
+            sop_classes={_text(ds, "SOPClassUID") for ds in headers},
+            series_description=_text(first, "SeriesDescription"),
+            protocol_name=_text(first, "ProtocolName"),
+            body_part=_text(first, "BodyPartExamined"),
+            image_type=tuple(str(v) for v in _value(first, "ImageType", None) or []),
             calling_aets=set(calling_aets),
-            slices=sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers),
-            rows=int(first.get("Rows", 0) or 0), columns=int(first.get("Columns", 0) or 0))
+            slices=sum(_number(ds, "NumberOfFrames", 1) for ds in headers),
+            rows=_number(first, "Rows", 0), columns=_number(first, "Columns", 0))
+
+
+# What the rules read, and nothing more: planning reads every header of a study.
+HEADER_TAGS = ["SeriesInstanceUID", "Modality", "SOPClassUID", "SeriesDescription", "ProtocolName",
+               "BodyPartExamined", "ImageType", "NumberOfFrames", "Rows", "Columns"]
+
+
+def _value(ds: Dataset, keyword: str, default):
+    """A header value, or `default` when it is absent or cannot be read as its VR says
+    (a sender's "1A" in an IS): such values were recorded as absent at ingest too."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # pydicom's converters raise several types; any means "not readable"
+        return default
+    return default if value in (None, "") else value
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(_value(ds, keyword, ""))
+
+
+def _number(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        return int(_value(ds, keyword, default))
+    except (ValueError, TypeError, OverflowError):
+        return default
 
 
 def explain(rule: Rule, facts: SeriesFacts) -> list[str]:
@@ -128,22 +154,33 @@ def matching(rules: list[Rule], facts: SeriesFacts) -> list[Rule]:
     return sorted((r for r in rules if not explain(r, facts)), key=lambda r: -r.priority)
 
 
-def series_in_folder(path: Path) -> list[SeriesFacts]:
-    """The series of the DICOM files under `path` (a file or a folder, searched recursively)."""
+def read_headers(path: Path) -> Dataset:
+    """What the rules need from one file, without its pixel data."""
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+
+
+def series_in_folder(path: Path) -> tuple[list[SeriesFacts], list[str]]:
+    """The series of the DICOM files under `path` (a file or a folder, searched recursively),
+    and a line for each DICOM file that could not be read."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     headers: dict[str, list[Dataset]] = defaultdict(list)
+    problems = []
     for file in files:
         try:
-            ds = pydicom.dcmread(file, stop_before_pixels=True)
-        except (InvalidDicomError, OSError):
+            ds = read_headers(file)
+        except InvalidDicomError:
             continue  # not DICOM: a folder of studies often holds other files too
+        except Exception as exc:  # DICOM, but damaged: name it and go on with the others
+            problems.append(f"{file}: cannot read its header: {exc}")
+            continue
         if "SeriesInstanceUID" in ds:
-            headers[str(ds.SeriesInstanceUID)].append(ds)
-    return [SeriesFacts.from_headers(h) for h in headers.values()]
+            headers[_text(ds, "SeriesInstanceUID")].append(ds)
+    return [SeriesFacts.from_headers(h) for h in headers.values()], problems
 
 
-def series_in_store(session, spool, study_uid: str) -> list[SeriesFacts] | None:
-    """The series of a received study, read from the spool; None if the study is unknown."""
+def series_in_store(session, spool, study_uid: str) -> tuple[list[SeriesFacts], list[str]] | None:
+    """The series of a received study, read from the spool, and a line for each file that
+    could not be read (its series is planned from the others); None if the study is unknown."""
     from sqlalchemy import select
 
     from .store import Series, Study
@@ -151,9 +188,15 @@ def series_in_store(session, spool, study_uid: str) -> list[SeriesFacts] | None:
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
     if study is None:
         return None
-    found = []
+    found, problems = [], []
     for series in session.execute(select(Series).where(Series.study_id == study.id)).scalars():
-        headers = [pydicom.dcmread(spool.path(i.path), stop_before_pixels=True) for i in series.instances]
+        headers = []
+        for instance in series.instances:
+            try:
+                headers.append(read_headers(spool.path(instance.path)))
+            except Exception as exc:  # removed or damaged by hand: the reason goes on the study
+                problems.append(f"instance {instance.sop_instance_uid} of series {series.series_uid}: "
+                                f"cannot read {instance.path} from the spool ({exc})")
         if headers:
             found.append(SeriesFacts.from_headers(headers, {i.calling_ae for i in series.instances}))
-    return found
+    return found, problems

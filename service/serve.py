@@ -13,14 +13,15 @@ import threading
 import time
 
 import sqlalchemy.exc
+from sqlalchemy import select
 
 from .config import Settings, TlsError
 from .inference import Sessions
 from .manifest import PackageError, load_package
 from .scheduler import build_scheduler
-from .scp import StorageSCP
-from .spool import Spool, SpoolError
-from .store import SchemaError, Store, check_schema
+from .scp import Refused, StorageSCP
+from .spool import Spool, SpoolError, valid_uid
+from .store import Instance, SchemaError, Series, Store, Study, add_event, check_schema
 from .worker import Runner, Workers
 
 log = logging.getLogger("machaon.serve")
@@ -66,6 +67,46 @@ def start_listener(settings: Settings, store: Store, spool: Spool) -> StorageSCP
                                  "(ports below 1024 need CAP_NET_BIND_SERVICE)") from None
         raise settings.error("dicom.host", f"cannot listen on {where}: {exc.strerror or exc}") from None
     return scp
+
+
+def reconcile_spool(store: Store, spool: Spool, index, started: float) -> None:
+    """Index the files under studies/ that have no row (a crash between their rename and their
+    commit: they are whole, but were never acknowledged), or quarantine those that cannot be read.
+    `index(relative)` records one file; files written since `started` are this process's own."""
+    try:
+        indexed, quarantined = _reconcile(store, spool, index, started)
+    except Exception:  # the store went away, say: the next start looks again
+        log.exception("spool reconciliation stopped")
+        return
+    if indexed or quarantined:
+        log.warning("spool: %d file(s) without a row indexed, %d unreadable one(s) moved to %s",
+                    indexed, quarantined, spool.quarantined)
+
+
+def _reconcile(store: Store, spool: Spool, index, started: float) -> tuple[int, int]:
+    indexed = quarantined = 0
+    for study_uid, files in spool.study_files():
+        with store.read_session() as session:
+            known = set(session.execute(select(Instance.path).join(Series).join(Study)
+                                        .where(Study.study_uid == study_uid)).scalars())
+        for relative in files:
+            if relative in known or spool.path(relative).stat().st_mtime >= started:
+                continue
+            try:
+                index(relative)
+                indexed += 1
+            except Refused as exc:
+                _quarantine(store, spool, relative, study_uid, str(exc))
+                quarantined += 1
+    return indexed, quarantined
+
+
+def _quarantine(store: Store, spool: Spool, relative: str, study_uid: str, reason: str) -> None:
+    moved = spool.quarantine(relative)
+    with store.session.begin() as session:
+        add_event(session, "startup", "spool.quarantined", study_uid if valid_uid(study_uid) else None,
+                  path=moved, reason=reason)
+    log.warning("%s cannot be read (%s): moved to %s", relative, reason, moved)
 
 
 def serve(settings: Settings, on_ready=None) -> None:
@@ -136,6 +177,8 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
         # Once the port is ours, no other machaon is using this spool: what
         # incoming/ held before we started was never acknowledged.
         spool.sweep_incoming(untouched_for_s=time.time() - started)
+        threading.Thread(target=reconcile_spool, args=(store, spool, scp.index, started),
+                         name="reconcile", daemon=True).start()
         runner = Runner(settings, store, spool, Sessions(settings.inference.runtime_options()))
         workers = Workers(runner, settings.worker.threads)
         scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight, workers)

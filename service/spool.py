@@ -3,6 +3,7 @@
 Layout under the spool folder:
     incoming/                          transfers in progress (temporary names)
     studies/<study>/<series>/<sop>.dcm  kept instances, each as received
+    quarantine/<study>/<series>/<sop>.dcm  files found without a row that cannot be read
 
 A file appears under studies/ only whole: it is written under incoming/,
 fsync'd, renamed into place (atomic on one file system) and its folder fsync'd.
@@ -16,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("machaon.spool")
@@ -37,6 +39,7 @@ class Spool:
         self.root = Path(root).absolute()
         self.incoming = self.root / "incoming"
         self.studies = self.root / "studies"
+        self.quarantined = self.root / "quarantine"
         self.min_free_bytes = min_free_mb * 1024 * 1024
 
     def prepare(self) -> None:
@@ -106,6 +109,23 @@ class Spool:
             pass
         except OSError as exc:
             log.warning("could not remove the replaced copy %s: %s", relative, exc.strerror)
+
+    def study_files(self) -> Iterator[tuple[str, list[str]]]:
+        """(study folder name, relative paths of its files) for each study folder in the spool."""
+        for study in sorted(self.studies.iterdir()):
+            if study.is_dir():
+                yield study.name, sorted(str(p.relative_to(self.root)) for p in study.rglob("*") if p.is_file())
+
+    def quarantine(self, relative: str) -> str:
+        """Move a kept file out of studies/ into quarantine/, keeping its place below; returns
+        the new relative path. Nothing is deleted: an operator decides what becomes of it."""
+        source = self.root / relative
+        target = self.quarantined / Path(relative).relative_to("studies")
+        _make_dirs_durably(target.parent)
+        os.replace(source, target)
+        _fsync_dir(target.parent)
+        _fsync_dir(source.parent)
+        return str(target.relative_to(self.root))
 
     def sweep_incoming(self, untouched_for_s: float) -> int:
         """Delete transfers that never finished (a sender that dropped the

@@ -71,6 +71,8 @@ class Study(Base):
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
     # How many of those completions have had their jobs planned (rules applied).
     planned_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Why the latest planning could not read or plan all of the study (None when it could).
+    planning_error: Mapped[str | None] = mapped_column(Text)
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
 
@@ -122,18 +124,24 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
+    # A queued job made redundant by a newer completion's job for the same series and model.
+    superseded_by: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Result(Base):
+    """An object a job produced. A re-run that produces the same object (same UID) gets a row of
+    its own, so each job keeps its results; the object is delivered once (see Delivery)."""
+
     __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("job_id", "sop_instance_uid"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(DateTime)
@@ -413,6 +421,7 @@ def _study_dict(study: Study, series_count: int, instance_count: int) -> dict:
         "last_received_at": _iso(study.last_received_at),
         "completed_at": _iso(study.completed_at),
         "completion_count": study.completion_count,
+        "planning_error": study.planning_error,
     }
 
 
@@ -437,25 +446,29 @@ def list_studies(session: Session, status: str | None = None, limit: int | None 
 
 
 def _jobs(session: Session, study_id: int) -> list[dict]:
-    jobs = session.execute(select(Job).where(Job.study_id == study_id).order_by(Job.id)).scalars()
-    listed = []
-    for job in jobs:
-        results = session.execute(select(Result).where(Result.job_id == job.id).order_by(Result.id)).scalars()
-        listed.append({
-            "id": job.id, "model": job.model, "rule": job.rule, "generation": job.generation,
-            "status": job.status, "attempts": job.attempts, "error": job.error,
-            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
-            "finished_at": _iso(job.finished_at),
-            "results": [{
-                "kind": r.kind, "sop_instance_uid": r.sop_instance_uid, "series_uid": r.series_uid,
-                "path": r.path,
-                "deliveries": [{"destination": d.destination, "status": d.status, "attempts": d.attempts,
-                                "last_error": d.last_error, "sent_at": _iso(d.sent_at)}
-                               for d in session.execute(select(Delivery).where(Delivery.result_id == r.id)
-                                                        .order_by(Delivery.id)).scalars()],
-            } for r in results],
-        })
-    return listed
+    jobs = session.execute(select(Job, Series.series_uid).outerjoin(Series, Series.id == Job.series_id)
+                           .where(Job.study_id == study_id).order_by(Job.id)).all()
+    return [{
+        "id": job.id, "model": job.model, "rule": job.rule, "series_uid": series_uid,
+        "generation": job.generation, "status": job.status, "attempts": job.attempts, "error": job.error,
+        "superseded_by": job.superseded_by, "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
+        "results": _results(session, job.id),
+    } for job, series_uid in jobs]
+
+
+def _results(session: Session, job_id: int) -> list[dict]:
+    """A job's results, each with the deliveries of its object (an earlier run of the same
+    object may have delivered it already)."""
+    results = session.execute(select(Result).where(Result.job_id == job_id).order_by(Result.id)).scalars()
+    return [{
+        "kind": r.kind, "sop_instance_uid": r.sop_instance_uid, "series_uid": r.series_uid, "path": r.path,
+        "deliveries": [{"destination": d.destination, "status": d.status, "attempts": d.attempts,
+                        "last_error": d.last_error, "sent_at": _iso(d.sent_at)}
+                       for d in session.execute(select(Delivery).join(Result, Result.id == Delivery.result_id)
+                                                .where(Result.sop_instance_uid == r.sop_instance_uid)
+                                                .order_by(Delivery.id)).scalars()],
+    } for r in results]
 
 
 def show_study(session: Session, study_uid: str) -> dict | None:

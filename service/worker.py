@@ -20,7 +20,6 @@ import traceback
 from datetime import timedelta
 
 import numpy as np
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from .config import Settings
@@ -37,6 +36,7 @@ from .store import Series as SeriesRow
 log = logging.getLogger("machaon.worker")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+SUPERSEDED = "superseded"  # queued, then replaced by a newer completion's job before it ran
 
 
 class JobError(Exception):
@@ -44,43 +44,76 @@ class JobError(Exception):
 
 
 def plan_jobs(store: Store, spool: Spool, rules: list[Rule]) -> int:
-    """Jobs for every study completion that has none yet; returns how many were created."""
+    """Jobs for every study completion that has none yet; returns how many were created.
+    One study that cannot be planned has the reason recorded and never holds up the others."""
     with store.read_session() as session:
         due = session.execute(select(Study.id, Study.study_uid, Study.completion_count).where(
             Study.status == COMPLETE, Study.planned_count < Study.completion_count)).all()
     created = 0
     for study_id, study_uid, generation in due:
-        problem = None
-        with store.read_session() as session:  # headers are read outside the write transaction
-            try:
-                facts = series_in_store(session, spool, study_uid) or []
-            except (OSError, InvalidDicomError) as exc:  # a spool file removed or damaged by hand
-                facts, problem = [], f"cannot read the study's headers from the spool: {exc}"
-            ids = dict(session.execute(select(SeriesRow.series_uid, SeriesRow.id)
-                                       .where(SeriesRow.study_id == study_id)).all())
-        planned = [(ids[f.series_uid], rule, model) for f in facts for rule in matching(rules, f)
-                   for model in rule.models]
-        with store.session.begin() as session:
-            study = session.get(Study, study_id, with_for_update=True)
-            changed = study.status != COMPLETE or study.completion_count != generation
-            if changed or study.planned_count >= generation:
-                continue  # reopened or planned meanwhile: the next pass sees it as it is now
-            now = utcnow()
-            session.add_all(Job(study_id=study_id, series_id=series_id, model=model, rule=rule.name,
-                                generation=generation, status=QUEUED, priority=rule.priority, attempts=0,
-                                created_at=now) for series_id, rule, model in planned)
-            study.planned_count = generation
-            if problem:
-                add_event(session, "scheduler", "study.planning_failed", study_uid, error=problem)
-            elif planned:
-                add_event(session, "scheduler", "jobs.planned", study_uid, jobs=len(planned),
-                          models=sorted({m for _, _, m in planned}))
-            else:
-                add_event(session, "scheduler", "study.no_rule_matched", study_uid, series=len(facts))
-        outcome = problem or (f"{len(planned)} job(s) queued" if planned else "no rule matched")
-        log.log(logging.WARNING if problem else logging.INFO, "study %s: %s", study_uid, outcome)
-        created += len(planned)
+        try:
+            created += _plan_study(store, spool, rules, study_id, study_uid, generation)
+        except Exception as exc:  # a bug: logged once, and the study is not tried again each pass
+            log.exception("study %s: planning failed", study_uid)
+            _planning_failed(store, study_id, study_uid, generation,
+                             f"internal error: {exc!r} (details in the service log)")
     return created
+
+
+def _plan_study(store: Store, spool: Spool, rules: list[Rule], study_id: int, study_uid: str,
+                generation: int) -> int:
+    """Queue the jobs of one study completion; returns how many."""
+    with store.read_session() as session:  # headers are read outside the write transaction
+        facts, problems = series_in_store(session, spool, study_uid) or ([], [])
+        ids = dict(session.execute(select(SeriesRow.series_uid, SeriesRow.id)
+                                   .where(SeriesRow.study_id == study_id)).all())
+    planned = [(ids[f.series_uid], rule, model) for f in facts if f.series_uid in ids
+               for rule in matching(rules, f) for model in rule.models]
+    problem = "; ".join(problems) or None
+    with store.session.begin() as session:
+        study = session.get(Study, study_id, with_for_update=True)
+        if study.status != COMPLETE or study.completion_count != generation or study.planned_count >= generation:
+            return 0  # reopened or planned meanwhile: the next pass sees it as it is now
+        jobs = [Job(study_id=study_id, series_id=series_id, model=model, rule=rule.name, generation=generation,
+                    status=QUEUED, priority=rule.priority, attempts=0, created_at=utcnow())
+                for series_id, rule, model in planned]
+        session.add_all(jobs)
+        session.flush()
+        superseded = _supersede(session, jobs)
+        study.planned_count, study.planning_error = generation, problem
+        if problem:
+            add_event(session, "scheduler", "study.planning_failed", study_uid, error=problem)
+        if planned:
+            add_event(session, "scheduler", "jobs.planned", study_uid, jobs=len(planned),
+                      models=sorted({m for _, _, m in planned}), superseded=superseded or None)
+        elif not problem:
+            add_event(session, "scheduler", "study.no_rule_matched", study_uid, series=len(facts))
+    if problem:
+        log.warning("study %s: %s", study_uid, problem)
+    log.info("study %s: %s", study_uid, f"{len(planned)} job(s) queued" if planned else "no rule matched")
+    return len(planned)
+
+
+def _supersede(session, jobs: list[Job]) -> list[int]:
+    """Older completions' jobs still queued for the same series and model will not run:
+    the new job does the same work on what the series holds now. Returns their ids."""
+    superseded = []
+    for job in jobs:
+        older = session.execute(select(Job).where(
+            Job.series_id == job.series_id, Job.model == job.model, Job.status == QUEUED,
+            Job.generation < job.generation).with_for_update(skip_locked=True)).scalars()
+        for old in older:
+            old.status, old.superseded_by, old.finished_at = SUPERSEDED, job.id, job.created_at
+            superseded.append(old.id)
+    return superseded
+
+
+def _planning_failed(store: Store, study_id: int, study_uid: str, generation: int, reason: str) -> None:
+    with store.session.begin() as session:
+        study = session.get(Study, study_id, with_for_update=True)
+        if study.completion_count == generation and study.planned_count < generation:
+            study.planned_count, study.planning_error = generation, reason
+            add_event(session, "scheduler", "study.planning_failed", study_uid, error=reason)
 
 
 def claim_job(store: Store, owner: str, lease_s: float) -> int | None:
@@ -201,17 +234,15 @@ class Runner:
                 log.warning("job %d was taken over while it ran; its results are left to the new run", job_id)
                 return False
             for kind, ds, relative in kept:
-                result = session.execute(select(Result).where(Result.sop_instance_uid == ds.SOPInstanceUID)
-                                         ).scalar_one_or_none()
-                if result is None:  # the same UID again means the same object: keep its deliveries
-                    result = Result(kind=kind, sop_class_uid=ds.SOPClassUID,
-                                    sop_instance_uid=ds.SOPInstanceUID, series_uid=ds.SeriesInstanceUID,
-                                    created_at=now, job_id=job_id, path=relative)
-                    session.add(result)
-                    session.flush()
-                result.job_id, result.path = job_id, relative
-                known = set(session.execute(select(Delivery.destination)
-                                            .where(Delivery.result_id == result.id)).scalars())
+                result = Result(kind=kind, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+                                series_uid=ds.SeriesInstanceUID, created_at=now, job_id=job_id, path=relative)
+                session.add(result)
+                session.flush()
+                # The same UID made by an earlier run is the same object: where it is already
+                # queued or sent, it is not sent again.
+                known = set(session.execute(
+                    select(Delivery.destination).join(Result, Result.id == Delivery.result_id)
+                    .where(Result.sop_instance_uid == ds.SOPInstanceUID)).scalars())
                 session.add_all(Delivery(result_id=result.id, destination=d, status=PENDING, attempts=0,
                                          next_attempt_at=now) for d in destinations if d not in known)
             job.status, job.finished_at, job.lease_owner = SUCCEEDED, now, None

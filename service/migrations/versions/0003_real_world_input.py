@@ -1,0 +1,43 @@
+"""planning errors on studies, superseded jobs, results kept per job
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0003'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+# 0001 left the unique constraint on results.sop_instance_uid unnamed; this names it so it can go.
+_NAMING = {"uq": "uq_%(table_name)s_%(column_0_name)s"}
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('planning_error', sa.Text(), nullable=True))
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('superseded_by', sa.Integer(), nullable=True))
+    # A re-run's results are rows of its own job: unique per job, not per SOP Instance UID.
+    if op.get_bind().dialect.name == 'postgresql':
+        op.drop_constraint('results_sop_instance_uid_key', 'results', type_='unique')
+    else:
+        with op.batch_alter_table('results', naming_convention=_NAMING) as batch_op:
+            batch_op.drop_constraint('uq_results_sop_instance_uid', type_='unique')
+    with op.batch_alter_table('results', schema=None) as batch_op:
+        batch_op.create_unique_constraint('uq_results_job_id_sop_instance_uid', ['job_id', 'sop_instance_uid'])
+        batch_op.create_index(batch_op.f('ix_results_sop_instance_uid'), ['sop_instance_uid'], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('results', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_results_sop_instance_uid'))
+        batch_op.drop_constraint('uq_results_job_id_sop_instance_uid', type_='unique')
+        batch_op.create_unique_constraint('uq_results_sop_instance_uid', ['sop_instance_uid'])
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('superseded_by')
+    with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.drop_column('planning_error')
