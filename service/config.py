@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRBigEndian
 
 from .rules import Rule
 
@@ -48,6 +49,30 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
+# The transfer syntaxes the listener accepts: every one pydicom knows, each kept as received
+# (nothing is decoded at ingest), but the retired Explicit VR Big Endian.
+TRANSFER_SYNTAXES = tuple(ts for ts in AllTransferSyntaxes if ts != ExplicitVRBigEndian)
+_TRANSFER_SYNTAX_KEYWORDS = {ts.keyword: ts for ts in TRANSFER_SYNTAXES}
+
+
+def _check_transfer_syntax(value: str) -> str:
+    uid = _TRANSFER_SYNTAX_KEYWORDS.get(value, value)
+    if uid not in TRANSFER_SYNTAXES:
+        raise ValueError(f"{value!r} is not a transfer syntax machaon accepts: use a pydicom keyword "
+                         "(ExplicitVRLittleEndian, JPEG2000Lossless, ...) or its UID")
+    return str(uid)
+
+
+TransferSyntax = Annotated[str, AfterValidator(_check_transfer_syntax)]
+
+
+class SenderSettings(_Section):
+    """What machaon prefers from one sender (by calling AE title), where the sender's own order of
+    preference is not to be trusted: it proposes a syntax it cannot always deliver."""
+
+    transfer_syntaxes: list[TransferSyntax] = Field(min_length=1)  # machaon's order, as UIDs
+
+
 class DicomSettings(_Section):
     ae_title: AETitle = "MACHAON"
     host: str = "0.0.0.0"
@@ -57,6 +82,7 @@ class DicomSettings(_Section):
     max_pdu_size: int = Field(262144, ge=0)
     network_timeout: float = Field(60, gt=0)
     shutdown_grace: float = Field(30, ge=0)
+    senders: dict[AETitle, SenderSettings] = {}  # [dicom.senders.<calling AE title>]
 
 
 class SpoolSettings(_Section):

@@ -28,8 +28,9 @@ def send(files: list[Path], aet: str, host: str, port: int, calling_ae: str) -> 
 
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=calling_ae)
-    for sop_class in {ds.SOPClassUID for ds in datasets}:
-        ae.add_requested_context(sop_class)
+    # Each file in its own transfer syntax, so that it is sent as written, not converted.
+    for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
+        ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(host, port, ae_title=aet)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "no answer"

@@ -4,12 +4,18 @@ A C-STORE gets a success status only after its file is whole on disk under its
 final name and its row is committed (DESIGN rule 1). pynetdicom streams each
 dataset into a file under the spool's incoming/ folder as its PDUs arrive, so a
 large object never sits whole in memory, and the bytes are kept as received.
+
+Of the transfer syntaxes a sender proposes for a presentation context, the first
+it lists that machaon accepts is chosen (PS3.8: the sender lists its preference),
+so a sender never has to transcode; [dicom.senders.<AE>] replaces that order for
+senders that list first what they cannot always deliver.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import re
 import tempfile
 import threading
 import time
@@ -17,16 +23,23 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom._uid_dict import UID_dictionary
+from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes, ExplicitVRBigEndian
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification
+from pydicom.uid import UID, MediaStorageDirectoryStorage
+from pydicom.valuerep import DA, validate_regex, validate_value
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from .config import Settings
+from .config import TRANSFER_SYNTAXES, Settings
 from .spool import Spool, valid_uid
-from .store import ReceivedInstance, SeriesConflict, Store, add_event, record_instance
+from .store import ReceivedInstance, Recorded, SeriesConflict, Store, add_event, record_instance
 
 log = logging.getLogger("machaon.scp")
 
@@ -40,21 +53,37 @@ DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
-# Every transfer syntax pydicom knows, stored as received: nothing is decoded at
-# ingest. pynetdicom accepts the first of ours that the sender proposes, so the
-# compressed and deflated ones come first: a sender proposes them for data it
-# holds that way, and asking it to decode instead wastes space or fails (a
-# sender without the codec). Explicit VR Big Endian (retired) is left out.
-TRANSFER_SYNTAXES = sorted(
-    (ts for ts in AllTransferSyntaxes if ts != ExplicitVRBigEndian),
-    key=lambda ts: not (ts.is_compressed or ts.is_deflated),
-)
 
-_HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-    "PatientID", "PatientName", "AccessionNumber", "StudyDate", "StudyDescription",
-    "SeriesNumber", "SeriesDescription", "InstanceNumber",
+def _storage_sop_classes() -> list[str]:
+    """pynetdicom's storage SOP classes, and those only pydicom's UID dictionary names: the retired
+    ones (Ultrasound Image Storage (Retired), ...) that old archives still send, DICOS, DICONDE.
+    pynetdicom serves the latter once registered with its storage service class."""
+    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    for uid, (_name, kind, _info, _retired, keyword) in UID_dictionary.items():
+        if (kind == "SOP Class" and re.search(r"Storage(Trial|Retired)?$", keyword)
+                and uid != MediaStorageDirectoryStorage and uid_to_service_class(uid) is ServiceClass):
+            register_uid(uid, keyword, StorageServiceClass)
+            classes.append(uid)
+    return classes
+
+
+STORAGE_SOP_CLASSES = _storage_sop_classes()
+
+# Why a presentation context was rejected (PS3.8 9.3.3.2, Result/Reason).
+_REJECTIONS = {1: "rejected by machaon", 2: "no reason given", 3: "SOP class not supported",
+               4: "no transfer syntax machaon accepts"}
+
+_UID_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+# What the row records and what planning and preprocessing read later. A value among these that
+# is not what its VR says (a number that is no number, a date that is no date) is recorded as
+# absent and named in an instance.invalid_values event; the file is still kept as received.
+_VALUE_TAGS = [
+    "Modality", "PatientID", "PatientName", "AccessionNumber", "StudyDate", "StudyDescription",
+    "SeriesDate", "SeriesNumber", "SeriesDescription", "InstanceNumber", "NumberOfFrames",
+    "ImagesInAcquisition", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "SliceThickness",
 ]
+_HEADER_TAGS = ["SpecificCharacterSet", *_UID_TAGS, *_VALUE_TAGS]  # the character set decodes names
 
 
 class Refused(Exception):
@@ -69,12 +98,15 @@ class Refused(Exception):
 class _AssociationLog:
     calling_ae: str
     peer: str
+    accepted: frozenset[int]  # presentation context IDs
+    offered: dict[int, PresentationContext]  # what the sender proposed, by context ID
     started: float = field(default_factory=time.monotonic)
     stored: int = 0
     failed: int = 0
     bytes: int = 0
     studies: set[str] = field(default_factory=set)
     ended: str = "closed"
+    protocol_error: bool = False
 
 
 class StorageSCP:
@@ -100,8 +132,8 @@ class StorageSCP:
         ae.dimse_timeout = dicom.network_timeout
         ae.require_calling_aet = list(dicom.allowed_calling_aets)
         ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> None:
@@ -110,9 +142,11 @@ class StorageSCP:
         # them on the spool's file system makes the final rename atomic.
         tempfile.tempdir = str(self.spool.incoming)
         handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -142,6 +176,45 @@ class StorageSCP:
             assoc.join(timeout=5)
         self.server = None
 
+    # --- negotiation --------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Order our transfer syntaxes for this association before pynetdicom negotiates: it
+        accepts, for each proposed context, the first of the acceptor's syntaxes that the sender
+        proposed. The acceptor's supported contexts are a per-association copy, settable until
+        negotiation starts."""
+        request = event.assoc.requestor.primitive
+        sender = self.settings.dicom.senders.get(request.calling_ae_title.strip())
+        acceptor = event.assoc.acceptor
+        acceptor.supported_contexts = _in_preferred_order(
+            acceptor.supported_contexts, request.presentation_context_definition_list,
+            sender.transfer_syntaxes if sender else [])
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        """A message on a presentation context that was not accepted is a protocol error. pynetdicom
+        3.0.4, receiving into a file, looks the context up as it decodes, in its DUL thread: the
+        KeyError kills that thread (a traceback), leaves the file in incoming/, and no handler hears
+        the association end (no log line, and its studies stay "in flight"). So the message's data
+        is dropped here, before pynetdicom reads it, and the association aborted."""
+        stats = self._associations.get(id(event.assoc))
+        if stats is None or not isinstance(event.pdu, P_DATA_TF):
+            return
+        if stats.protocol_error:  # aborted already: drop whatever still comes
+            event.pdu.presentation_data_value_items = []
+            return
+        stray = sorted({i.presentation_context_id for i in event.pdu.presentation_data_value_items}
+                       - stats.accepted)
+        if not stray:
+            return
+        event.pdu.presentation_data_value_items = []
+        stats.protocol_error = True
+        stats.failed += 1
+        offered = stats.offered.get(stray[0])
+        log.warning("association from %s (%s): a message on presentation context %d (%s), which was "
+                    "not accepted: aborting the association", stats.calling_ae, stats.peer, stray[0],
+                    _describe_context(offered) if offered else "never proposed")
+        event.assoc.abort()  # within an event handler, pynetdicom's abort does not wait
+
     # --- C-STORE ------------------------------------------------------------
 
     def _on_store(self, event: evt.Event) -> Dataset:
@@ -152,7 +225,8 @@ class StorageSCP:
         except Refused as exc:
             if stats:
                 stats.failed += 1
-            log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, exc.status, exc)
+            log.warning("C-STORE from %s refused (0x%04X): %s (%s in %s)", calling_ae, exc.status, exc,
+                        event.request.AffectedSOPInstanceUID, UID(event.context.transfer_syntax).name)
             return _status(exc.status, str(exc))
         if stats:
             with self._associations_lock:
@@ -176,10 +250,11 @@ class StorageSCP:
         if not room:
             raise Refused(OUT_OF_RESOURCES,
                           f"less than {self.settings.spool.min_free_mb} MiB free in the spool; retry later")
-        header = _read_header(received, event.request)
+        header, invalid = _read_header(received)
+        _check_request(header, event.request)
         relative = self.spool.relative_path(header.StudyInstanceUID, header.SeriesInstanceUID,
                                             header.SOPInstanceUID)
-        with self._uid_locks[zlib.crc32(header.SOPInstanceUID.encode()) % len(self._uid_locks)]:
+        with self._uid_lock(header.SOPInstanceUID):
             had_copy = self.spool.path(relative).exists()
             try:
                 size = self.spool.keep(received, relative)
@@ -188,8 +263,7 @@ class StorageSCP:
                               f"spool write failed: {exc.strerror}") from None
             inst = _received(header, event.context.transfer_syntax, relative, size, calling_ae)
             try:
-                with self.store.engine.begin() as conn:
-                    recorded = record_instance(conn, inst, actor=f"dicom:{calling_ae}")
+                recorded = self._record(inst, invalid, f"dicom:{calling_ae}")
             except Exception as exc:
                 if not had_copy:  # never acknowledged, and now in no row: don't leave it
                     self.spool.remove(relative)
@@ -200,13 +274,61 @@ class StorageSCP:
             log.info("study %s reopened by a new instance from %s", inst.study_uid, calling_ae)
         return inst
 
+    def index(self, relative: str) -> None:
+        """Record a file found under studies/ without a row (a crash between its rename and its
+        commit left it whole but never acknowledged); Refused if it cannot be read, or its UIDs
+        name another place."""
+        path = self.spool.path(relative)
+        try:
+            header, invalid = _read_header(path)
+        except Refused as exc:
+            raise Refused(exc.status, f"cannot be read: {exc}") from None
+        if relative != self.spool.relative_path(header.StudyInstanceUID, header.SeriesInstanceUID,
+                                                 header.SOPInstanceUID):
+            raise Refused(DOES_NOT_MATCH, "cannot be read as filed: its UIDs name another place")
+        inst = _received(header, header.file_meta.get("TransferSyntaxUID", ""), relative,
+                         path.stat().st_size, calling_ae="")
+        with self._uid_lock(inst.sop_instance_uid):
+            try:
+                self._record(inst, invalid, "startup", indexed=True)
+            except SeriesConflict:
+                raise Refused(DOES_NOT_MATCH, "its series belongs to another study") from None
+
+    def _record(self, inst: ReceivedInstance, invalid: dict[str, str], actor: str,
+                indexed: bool = False) -> Recorded:
+        """The instance's row, and what was wrong with its values, in one transaction."""
+        with self.store.engine.begin() as conn:
+            recorded = record_instance(conn, inst, actor=actor)
+            if indexed:
+                add_event(conn, actor, "spool.indexed", inst.study_uid,
+                          sop_instance_uid=inst.sop_instance_uid, path=inst.path)
+            if invalid:
+                add_event(conn, actor, "instance.invalid_values", inst.study_uid,
+                          sop_instance_uid=inst.sop_instance_uid, values=invalid)
+        if invalid:
+            log.warning("instance %s of study %s (%s): recorded without the values that are not what "
+                        "their VR says: %s", inst.sop_instance_uid, inst.study_uid, actor,
+                        ", ".join(f"{k}={v!r}" for k, v in invalid.items()))
+        return recorded
+
+    def _uid_lock(self, sop_instance_uid: str) -> threading.Lock:
+        return self._uid_locks[zlib.crc32(sop_instance_uid.encode()) % len(self._uid_locks)]
+
     # --- association bookkeeping: one log line and one event per association ---
 
     def _on_established(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
+        assoc = event.assoc
+        requestor = assoc.requestor
+        offered = {cx.context_id: cx for cx in requestor.primitive.presentation_context_definition_list}
+        stats = _AssociationLog(requestor.ae_title, f"{requestor.address}:{requestor.port}",
+                                frozenset(cx.context_id for cx in assoc.accepted_contexts), offered)
         with self._associations_lock:
-            self._associations[id(event.assoc)] = _AssociationLog(
-                requestor.ae_title, f"{requestor.address}:{requestor.port}")
+            self._associations[id(assoc)] = stats
+        if assoc.rejected_contexts:
+            log.warning("association from %s (%s): %d presentation context(s) rejected: %s",
+                        stats.calling_ae, stats.peer, len(assoc.rejected_contexts), "; ".join(
+                            f"{_describe_context(offered[cx.context_id])}: {_REJECTIONS[cx.result]}"
+                            for cx in assoc.rejected_contexts))
 
     def _on_end(self, event: evt.Event) -> None:
         stats = self._associations.get(id(event.assoc))
@@ -238,6 +360,29 @@ class StorageSCP:
                     requestor.address, requestor.port)
 
 
+def _in_preferred_order(supported: list[PresentationContext], proposed: list[PresentationContext],
+                        preferred: list[str]) -> list[PresentationContext]:
+    """The supported contexts of the proposed abstract syntaxes, each with its transfer syntaxes
+    ordered `preferred` first, then as the sender listed them. (pynetdicom keeps one list per
+    abstract syntax: a sender that proposes one in several contexts, in different orders, gets
+    the order of the first.)"""
+    orders: dict[str, list[str]] = {}
+    for cx in proposed:
+        orders.setdefault(cx.abstract_syntax, list(preferred)).extend(cx.transfer_syntax)
+    contexts = []
+    for cx in supported:
+        if cx.abstract_syntax in orders:
+            rank = {ts: i for i, ts in enumerate(dict.fromkeys(orders[cx.abstract_syntax]))}
+            cx.transfer_syntax = sorted(cx.transfer_syntax, key=lambda ts: rank.get(ts, len(rank)))
+            contexts.append(cx)
+    return contexts
+
+
+def _describe_context(cx: PresentationContext) -> str:
+    """'CT Image Storage offered JPEG Lossless, Explicit VR Big Endian', for the log."""
+    return f"{UID(cx.abstract_syntax).name} offered {', '.join(UID(ts).name for ts in cx.transfer_syntax)}"
+
+
 def _refusal(exc: Exception, inst: ReceivedInstance) -> Refused:
     if isinstance(exc, SeriesConflict):
         log.warning("series %s of %s already belongs to another study", inst.series_uid,
@@ -256,24 +401,81 @@ def _status(status: int, comment: str | None = None) -> Dataset:
     return ds
 
 
-def _read_header(path: Path, request) -> Dataset:
-    """Read what the store needs, stopping before the pixel data."""
+def _read_header(path: Path) -> tuple[Dataset, dict[str, str]]:
+    """What the store needs, stopping before the pixel data: the header with valid UIDs, less the
+    values that are not what their VR says, and those values as received, by keyword."""
     try:
         header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        for keyword in _HEADER_TAGS:  # values decode lazily; surface errors here
-            getattr(header, keyword, None)
     except Exception as exc:  # untrusted bytes: whatever pydicom trips on is the sender's
         raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from None
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        value = header.get(keyword)
+    for keyword in _UID_TAGS:
+        try:
+            value = header.get(keyword)
+        except Exception as exc:
+            raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {keyword}: {exc}") from None
         if not valid_uid(value):
             problem = "missing" if value in (None, "") else f"not a valid UID ({value!r})"
             raise Refused(CANNOT_UNDERSTAND, f"{keyword} is {problem}")
+    invalid = {}
+    for keyword in _VALUE_TAGS:
+        raw = header.get_item(keyword).value if keyword in header else None  # bytes, not yet decoded
+        if raw and not _conforms(header, keyword, raw):
+            invalid[keyword] = _as_received(raw)
+            del header[keyword]  # recorded as absent; the file keeps it
+    return header, invalid
+
+
+def _check_request(header: Dataset, request) -> None:
     if header.SOPInstanceUID != request.AffectedSOPInstanceUID:
         raise Refused(DOES_NOT_MATCH, "SOPInstanceUID differs from the C-STORE request's")
     if header.SOPClassUID != request.AffectedSOPClassUID:
         raise Refused(DOES_NOT_MATCH, "SOPClassUID differs from the C-STORE request's")
-    return header
+
+
+def _conforms(header: Dataset, keyword: str, raw: bytes) -> bool:
+    """Whether the element's value (`raw`, as received) is what its VR (the dictionary's) says.
+    Numbers and dates are checked on the text, each value against pydicom's pattern for the VR,
+    leaving out its length limits (many devices write a DS longer than 16 characters: it is still
+    a number); other VRs must decode, and a person's name must have pydicom's shape for a PN."""
+    vr = dictionary_VR(keyword)
+    try:
+        if vr in ("IS", "DS", "DA"):
+            text = raw.decode("ascii").rstrip(" \x00")
+            values = text.split("\\")
+            return not text.strip() or (_fits_vm(keyword, len(values))
+                                        and all(_number_or_date(vr, v) for v in values))
+        if vr == "US":
+            return len(raw) % 2 == 0 and _fits_vm(keyword, len(raw) // 2)
+        value = header[keyword].value  # pydicom decodes it with the character set
+        if vr == "PN":
+            validate_value("PN", str(value), pydicom_config.RAISE)
+        return True
+    except Exception:  # untrusted bytes: whatever pydicom trips on means "not what the VR says"
+        return False
+
+
+def _number_or_date(vr: str, text: str) -> bool:
+    if not validate_regex(vr, text)[0]:
+        return False
+    if vr == "IS":
+        return -2**31 <= int(text) < 2**31
+    if vr == "DA":
+        DA(text)  # raises for a day the calendar does not have (20260231)
+    return True
+
+
+def _fits_vm(keyword: str, count: int) -> bool:
+    vm = dictionary_VM(keyword)
+    return not vm.isdigit() or count == int(vm)
+
+
+def _as_received(raw: bytes, limit: int = 64) -> str:
+    """A raw value for an event: its text less padding (non-ASCII bytes escaped), or its bytes in
+    hexadecimal where it is not text; cut at `limit` characters."""
+    text = raw.decode("ascii", "backslashreplace").rstrip(" \x00")
+    if not text.isprintable():
+        text = raw.hex(" ")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # What a sender writes in these is not trusted to fit the columns: a value that
@@ -285,12 +487,8 @@ def _text(header: Dataset, keyword: str, limit: int) -> str | None:
 
 
 def _number(header: Dataset, keyword: str) -> int | None:
-    try:
-        value = header.get(keyword)
-        number = None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number is not None and -2**31 <= number < 2**31 else None
+    value = header.get(keyword)
+    return None if value in (None, "") else int(value)
 
 
 def _received(header: Dataset, transfer_syntax: str, relative: str, size: int,
