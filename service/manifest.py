@@ -4,6 +4,9 @@ A package is a folder with `model.onnx` (plus optional `model.fp16.onnx`,
 `model.int8.onnx`) and `manifest.toml`. The manifest says which images the model
 accepts and how to prepare them, what its outputs mean as coded concepts, and
 where it came from. Adding a model never changes service code (DESIGN rule 4).
+A model that measures a series as one stack (a volume) says so in an optional
+[input.stack] table, and gets only whole stacks (see StackSpec); packages built
+before that table existed still load, and take series as they come.
 
 The source manifest in models/<name>/ has the same fields plus [source] (how to
 build it); the build adds [provenance], [evaluation] and [[variants]].
@@ -68,6 +71,19 @@ class Normalisation(_Strict):
         return self
 
 
+class StackSpec(_Strict):
+    """[input.stack]: the model measures the series as one stack (a volume in its SR), so the
+    stack must be whole before results go out. A series that is not is refused before inference:
+    one image per position (not a time series), every frame placed in space, at least
+    `min_slices` slices, neighbouring slices evenly spaced (each step within `spacing_tolerance`
+    of the usual one; a longer step is a missing slice) and at most `max_gap` mm apart, and as
+    many images as the headers announce (ImagesInAcquisition)."""
+
+    min_slices: int = Field(2, ge=2)
+    spacing_tolerance: float = Field(0.1, gt=0, lt=1)  # a fraction of the usual (median) step
+    max_gap: float | None = Field(None, gt=0)  # mm between neighbouring slices; None: no limit
+
+
 class InputSpec(_Strict):
     modalities: list[str] = Field(min_length=1)
     sop_classes: list[UID] = []  # empty: any image SOP class of those modalities
@@ -79,6 +95,7 @@ class InputSpec(_Strict):
     layout: Literal["NHWC", "NCHW"]
     channel_select: Literal["red", "green", "blue"] | None = None  # one colour channel of an RGB image
     normalisation: Normalisation
+    stack: StackSpec | None = None  # absent: images are taken as they come, whole or not
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -265,6 +265,7 @@ def write_study(folder: Path, seed: int, views: bool = True, patient_id: str | N
         position = centre + corner * row + corner * column + float(d) * normal
         ds = study.image(image, uid("sax"), 1, "SAX cine (phantom)", uid("sax", index), index + 1,
                          position, row, column)
+        ds.ImagesInAcquisition = slices  # as scanners write it: how many images make the stack whole
         sax_files.append(_save(ds, folder / "sax" / f"{index + 1:03d}.dcm"))
         labels.append(label)
     view_files = {}

@@ -8,6 +8,8 @@ give new UIDs (DESIGN rule 3).
 
 Every object names machaon and the model (Manufacturer, Software Versions,
 Algorithm Identification) and says it is an AI result, not for clinical use.
+A model that finds nothing still gives a valid result that says so: empty SEG
+frames, and an SR that reports the segment Absent (and a volume of 0 ml).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, DT, TM
 
 from . import __version__
 from .manifest import Code, Manifest, Segment
-from .preprocess import Frame, Series
+from .preprocess import Frame, Series, require_geometry
 
 MANUFACTURER = "machaon"
 NOT_CLINICAL = "AI result, not for clinical use"
@@ -29,12 +33,45 @@ MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 PROBABILITY = hd.sr.CodedConcept("PROB", "99MACHAON", "Model output probability")
 UNITY = hd.sr.CodedConcept("1", "UCUM", "no units")
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+# Type 2 in SEG and SR: present, though possibly empty. highdicom 0.28.2 copies each from the
+# first source image and fails where the source left one out (a Type 2 there too, but senders do).
+PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                     "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+# How highdicom reads values of these VRs from a source; text that is no such value makes it fail.
+READERS = {"DA": DA, "TM": TM, "DT": DT, "DS": float, "IS": int}
 
 
 def result_uid(series: Series, manifest: Manifest, kind: str) -> str:
     """A UID that only these inputs, this model version and this kind of result produce."""
     return generate_uid(entropy_srcs=[series.datasets[0].SeriesInstanceUID, series.instances_digest,
                                       manifest.name, manifest.version, kind])
+
+
+def _readable_sources(series: Series) -> None:
+    """The source datasets as highdicom can copy from them: each Type 2 patient and study attribute
+    present, a date, time or number that is none ('unknown', '25:99', 'eight mm') left out (emptied
+    where it is one of those), and Slice Thickness given. In memory only: the received files are
+    never changed."""
+    for ds in series.datasets:
+        unreadable = [e.keyword for e in ds if e.VR in READERS and not _readable(e)]
+        for keyword in unreadable:
+            delattr(ds, keyword)
+        for keyword in PATIENT_AND_STUDY:
+            ds.setdefault(keyword, "")
+        if "ImagePositionPatient" in ds and not ds.get("SliceThickness"):
+            # Type 2 in the source, but the SEG needs a value: a stack's slice spacing stands in.
+            ds.SliceThickness = round(abs(series.slice_spacing), 4) if series.slice_spacing else ""
+
+
+def _readable(element) -> bool:
+    values = element.value if isinstance(element.value, MultiValue) else [element.value]
+    try:
+        for value in values:
+            if value not in ("", None):
+                READERS[element.VR](value)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _coded(code: Code) -> hd.sr.CodedConcept:
@@ -53,8 +90,11 @@ def segmentation(series: Series, labels: np.ndarray, manifest: Manifest) -> hd.s
     """A BINARY SEG with one frame per source frame and segment, empty frames included.
 
     Empty frames are kept because some viewers align a SEG to its source by frame
-    index and shift it when they are left out.
+    index and shift it when they are left out; a SEG with no segmented pixel at all is valid.
     """
+    if len(series.frames) > 1:  # a SEG places each frame of a stack in space
+        require_geometry(series)
+    _readable_sources(series)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=manifest.name, version=manifest.version, family=codes.cid7162.ArtificialIntelligence,
         source=MANUFACTURER)
@@ -62,7 +102,7 @@ def segmentation(series: Series, labels: np.ndarray, manifest: Manifest) -> hd.s
                     for number, segment in enumerate(manifest.output.segments, start=1)]
     masks = np.stack([labels == segment.index for segment in manifest.output.segments], axis=-1)
     sources, masks = _in_source_order(series, masks)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=result_uid(series, manifest, "seg-series"),
         series_number=SEG_SERIES_NUMBER, sop_instance_uid=result_uid(series, manifest, "seg"),
@@ -70,6 +110,9 @@ def segmentation(series: Series, labels: np.ndarray, manifest: Manifest) -> hd.s
         software_versions=_software(manifest), device_serial_number="0", omit_empty_frames=False,
         content_label="MACHAON_AI", content_description=NOT_CLINICAL,
         series_description=_description(manifest, "SEG"))
+    if "FrameOfReferenceUID" not in seg:  # of a projection image: Patient Orientation is Type 2C then,
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "")  # and highdicom leaves it out
+    return seg
 
 
 def _segment_description(number: int, segment: Segment, algorithm) -> hd.seg.SegmentDescription:
@@ -97,24 +140,40 @@ def _in_source_order(series: Series, masks: np.ndarray) -> tuple[list[Dataset], 
 def segmentation_report(series: Series, labels: np.ndarray, seg: hd.seg.Segmentation,
                         manifest: Manifest) -> hd.sr.Comprehensive3DSR:
     """TID 1500 measurements of each segment: its area on each slice (mm²) and, for a stack,
-    its volume (ml), from Pixel Spacing and the spacing of the slices along their normal."""
+    its volume (ml), from Pixel Spacing and the spacing of the slices along their normal.
+    A segment found nowhere, or found where nothing can be measured in mm, is reported Absent
+    or Present; the SR is never empty."""
     groups = []
-    if series.pixel_spacing:  # without geometry there is nothing to measure in mm
-        pixel_mm2 = series.pixel_spacing[0] * series.pixel_spacing[1]
-        frames = _seg_frames(seg)
-        for number, segment in enumerate(manifest.output.segments, start=1):
-            mask = labels == segment.index
-            for i, frame in enumerate(series.frames):
-                if mask[i].any():
-                    seg_frame = frames[number, frame.dataset.SOPInstanceUID, frame.number]
-                    groups.append(_area(series, manifest, seg, segment, number, i, frame, seg_frame,
-                                        float(mask[i].sum()) * pixel_mm2))
-            if series.slice_spacing:
-                volume_ml = float(mask.sum()) * pixel_mm2 * abs(series.slice_spacing) / 1000.0
-                groups.append(_volume(series, manifest, seg, segment, number, volume_ml))
+    frames = _seg_frames(seg)
+    pixel_mm2 = series.pixel_spacing[0] * series.pixel_spacing[1] if series.pixel_spacing else None
+    for number, segment in enumerate(manifest.output.segments, start=1):
+        mask = labels == segment.index
+        if not mask.any() or pixel_mm2 is None:
+            groups.append(_presence(series, manifest, segment, found=bool(mask.any())))
+        if pixel_mm2 is None:  # without geometry there is nothing to measure in mm
+            continue
+        for i, frame in enumerate(series.frames):
+            if mask[i].any():
+                seg_frame = frames[number, frame.dataset.SOPInstanceUID, frame.number]
+                groups.append(_area(series, manifest, seg, segment, number, i, frame, seg_frame,
+                                    float(mask[i].sum()) * pixel_mm2))
+        if series.slice_spacing:
+            volume_ml = float(mask.sum()) * pixel_mm2 * abs(series.slice_spacing) / 1000.0
+            groups.append(_volume(series, manifest, seg, segment, number, volume_ml))
     report = _report(series, manifest, groups, evidence=[*series.datasets, seg])
     _frame_references_only(report)
     return report
+
+
+def _presence(series: Series, manifest: Manifest, segment: Segment, found: bool):
+    """TID 1501: whether the model found the segment anywhere in the series."""
+    tracking = hd.sr.TrackingIdentifier(uid=result_uid(series, manifest, f"found-{segment.index}"),
+                                        identifier=f"{segment.label} {'found' if found else 'not found'}")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, finding_type=_coded(segment.type), algorithm_id=_algorithm(manifest),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=_coded(segment.type), value=codes.SCT.Present if found else codes.SCT.Absent)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in series.datasets])
 
 
 def _area(series: Series, manifest: Manifest, seg: Dataset, segment: Segment, number: int, index: int,
@@ -211,6 +270,7 @@ def _report(series: Series, manifest: Manifest, groups: list,
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=IMAGING_PROCEDURE, imaging_measurements=groups)
+    _readable_sources(series)
     return hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=result_uid(series, manifest, "sr-series"),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(series, manifest, "sr"),

@@ -202,7 +202,9 @@ class Runner:
             job = session.get(Job, job_id)
             series_row = session.get(SeriesRow, job.series_id)
             study_uid, model, rule_name = series_row.study.study_uid, job.model, job.rule
-            paths = [self.spool.path(i.path) for i in series_row.instances]
+            # Oldest received first: of two copies of one image, the newest is kept.
+            received = sorted(series_row.instances, key=lambda i: (i.received_at, i.id))
+            paths = [self.spool.path(i.path) for i in received]
         clock = _Stopwatch()
         package = load_package(self.settings.models.path, model)
         model_run = self.sessions.get(package, self.settings.inference.precision).run
@@ -223,10 +225,12 @@ class Runner:
             self.spool.write(ds, relative)
             kept.append((kind, ds, relative))
         clock.lap("write_results")
-        return self._succeed(job_id, study_uid, kept, destinations, clock.laps)
+        if series.dropped:
+            log.warning("job %d: %s", job_id, "; ".join(series.dropped))
+        return self._succeed(job_id, study_uid, kept, destinations, clock.laps, series.dropped)
 
     def _succeed(self, job_id: int, study_uid: str, kept: list, destinations: list[str],
-                 seconds: dict[str, float]) -> bool:
+                 seconds: dict[str, float], dropped: list[str]) -> bool:
         now = utcnow()
         with self.store.session.begin() as session:
             job = session.get(Job, job_id, with_for_update=True)
@@ -247,7 +251,8 @@ class Runner:
                                          next_attempt_at=now) for d in destinations if d not in known)
             job.status, job.finished_at, job.lease_owner = SUCCEEDED, now, None
             add_event(session, self.owner, "job.succeeded", study_uid, job=job_id, model=job.model,
-                      results=[ds.SOPInstanceUID for _, ds, _ in kept], seconds=seconds)
+                      results=[ds.SOPInstanceUID for _, ds, _ in kept], seconds=seconds,
+                      dropped_copies=dropped or None)
         log.info("job %d (%s) succeeded: %s", job_id, job.model, ", ".join(k for k, _, _ in kept))
         return bool(destinations)
 

@@ -174,19 +174,23 @@ def test_study_without_a_matching_rule_is_recorded_as_such(serve, built_models, 
     assert jobs_of(server, study.study_uid) == []
 
 
-def test_late_images_give_a_new_job_and_new_result_uids(serve, built_models, tmp_path):
+def test_a_stack_with_slices_missing_fails_as_incomplete_and_succeeds_once_they_arrive(serve, built_models,
+                                                                                     tmp_path):
     study = phantom.write_study(tmp_path / "study", seed=35, views=False)
     server = serve(models={"path": str(built_models)}, extra=folder_setup(tmp_path))
-    assert acknowledged(storescu(server.port, *study.sax_files[:-1]).stderr) == 11
-    first = delivered(server, study.study_uid)
-    assert acknowledged(storescu(server.port, study.sax_files[-1]).stderr) == 1  # the apex slice, late
+    late = [study.sax_files[5], study.sax_files[-1]]  # a middle slice and the apex, still on their way
+    assert acknowledged(storescu(server.port, *[f for f in study.sax_files if f not in late]).stderr) == 10
+    [first] = finished(server, study.study_uid)
+    assert first["status"] == "failed" and first["results"] == []
+    assert first["error"].startswith("series incomplete: 10 slices, a gap of 16.0 mm between slices 5 and 6")
+    assert "10 of 12 images expected (ImagesInAcquisition)" in first["error"]
+    assert first["error"].endswith("it runs again by itself when more images arrive")
+    assert acknowledged(storescu(server.port, *late).stderr) == 2
     finished(server, study.study_uid, count=2)
     jobs = jobs_of(server, study.study_uid)
-    assert [j["generation"] for j in jobs] == [1, 2] and all(j["status"] == "succeeded" for j in jobs)
-    second = delivered(server, study.study_uid)
-    assert {r["sop_instance_uid"] for r in first}.isdisjoint(
-        {r["sop_instance_uid"] for r in second if r not in first})
-    assert len(second) == 4
+    assert [(j["generation"], j["status"]) for j in jobs] == [(1, "failed"), (2, "succeeded")]
+    assert sorted(r["kind"] for r in delivered(server, study.study_uid)) == ["seg", "sr"]
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 2  # nothing went out from the partial stack
 
 
 def test_a_job_cut_off_by_a_crash_runs_again_once_its_lease_runs_out(serve, built_models, tmp_path):

@@ -39,6 +39,7 @@ def test_geometry_is_a_contiguous_stack_along_the_normal(study):
     assert len({h.SeriesInstanceUID for h in headers}) == 1 and len({h.SOPInstanceUID for h in headers}) == 12
     assert len({h.FrameOfReferenceUID for h in headers}) == 1
     assert all(float(h.SliceThickness) == phantom.SLICE_GAP for h in headers)
+    assert {h.ImagesInAcquisition for h in headers} == {phantom.SAX_SLICES}  # how many make it whole
 
 
 def test_truth_matches_the_pixels_and_a_plausible_volume(study):
