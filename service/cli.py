@@ -166,7 +166,7 @@ def _studies_list(settings: Settings, args) -> None:
     for r in rows:
         status = r["status"] + (f" ({r['completion_count']}x)" if r["completion_count"] > 1 else "")
         if r["planning_error"]:
-            status += ", [red]planning failed[/]"
+            status += ", [red]planning problem[/]"  # `studies show` says which files
         table.add_row(r["patient_id"] or "", r["study_date"] or "", str(r["series_count"]),
                       str(r["instance_count"]), status, r["last_received_at"][:19].replace("T", " "),
                       r["study_uid"])
@@ -191,7 +191,7 @@ def _studies_show(settings: Settings, args) -> int:
                 "first_received_at", "last_received_at", "completed_at", "completion_count"):
         out.print(f"  {key.replace('_', ' ')}: {study[key] if study[key] is not None else ''}")
     if study["planning_error"]:
-        out.print(f"  [red]planning failed[/]: {study['planning_error']}")
+        out.print(f"  [red]planning problem[/]: {study['planning_error']}")
     series = Table("Modality", "No.", "Description", "Images", "Status", box=None)
     series.add_column("Series Instance UID", overflow="fold")
     for s in study["series"]:

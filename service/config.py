@@ -223,6 +223,9 @@ class WorkerSettings(_Section):
     threads: int = Field(1, ge=0)  # jobs run at once in this process; 0 runs none
     batch_size: int = Field(8, ge=1)  # slices per ONNX Runtime call
     lease: float = Field(300, gt=0)  # seconds a job is ours without renewal
+    # Copies of one image in a series (the same position and time under two SOP Instance UIDs):
+    # "newest" keeps the copy received last and names the others; "fail" fails the job.
+    duplicates: Literal["newest", "fail"] = "newest"
 
 
 class DispatchSettings(_Section):

@@ -40,8 +40,11 @@ CHANNELS = {"red": 0, "green": 1, "blue": 2}
 # Two images at one position that agree on all of these are copies of one image.
 TEMPORAL = ("TemporalPositionIdentifier", "TemporalPositionIndex", "TriggerTime",
             "NominalCardiacTriggerDelayTime")
+# Times matter too: T1 mapping (inversion times) and real-time series without trigger times. A
+# re-send or a re-encoding carries all of these over unchanged.
 DISTINCT = (*TEMPORAL, "AcquisitionNumber", "FrameAcquisitionNumber", "EchoTime", "EffectiveEchoTime",
-            "DiffusionBValue", "ImageType", "FrameType")
+            "InversionTime", "DiffusionBValue", "ImageType", "FrameType", "AcquisitionDateTime",
+            "AcquisitionTime", "InstanceNumber")
 RUNS_AGAIN = "it runs again by itself when more images arrive"
 
 
@@ -358,11 +361,15 @@ def check_complete(series: Series, spec: InputSpec) -> None:
         if not short:
             raise
         reasons = [short]  # with images still announced, uneven or wide spacing may be those images
-    if len(along) < spec.stack.min_slices:
-        reasons.insert(0, f"fewer than the {spec.stack.min_slices} the model needs (input.stack.min_slices)")
     reasons = [r for r in reasons if r]
+    slices = f"{len(along)} slice{'s' if len(along) > 1 else ''}"
+    too_few = len(along) < spec.stack.min_slices
+    if too_few and not reasons:  # whole as far as anyone can tell: more will not come by themselves
+        raise PrepareError(f"{slices}, fewer than the {spec.stack.min_slices} the model needs to measure "
+                           "a volume (input.stack.min_slices); send the whole stack as one series")
+    if too_few:
+        reasons.insert(0, f"fewer than the {spec.stack.min_slices} the model needs (input.stack.min_slices)")
     if reasons:
-        slices = f"{len(along)} slice{'s' if len(along) > 1 else ''}"
         raise IncompleteSeries(f"series incomplete: {slices}, " + "; ".join(reasons) + f"; {RUNS_AGAIN}")
 
 
@@ -418,12 +425,20 @@ def _expected_images(series: Series) -> str | None:
             acquisitions[ds.get("AcquisitionNumber")].append(ds)
     short = []
     for number, images in acquisitions.items():
-        announced = {ds.get("ImagesInAcquisition") for ds in images}
-        expected = int(announced.pop() or 0) if len(announced) == 1 else 0  # disagreeing: not sound
+        announced = {_count(ds, "ImagesInAcquisition") for ds in images}
+        expected = announced.pop() if len(announced) == 1 else 0  # disagreeing: not sound
         if expected > len(images):
             which = f" in acquisition {number}" if len(acquisitions) > 1 else ""
             short.append(f"{len(images)} of {expected} images expected{which} (ImagesInAcquisition)")
     return "; ".join(short) or None
+
+
+def _count(ds: Dataset, keyword: str) -> int:
+    """A count from the header; 0 where it is absent, or text that is no number (not sound)."""
+    try:
+        return int(ds.get(keyword) or 0)
+    except (ValueError, TypeError):
+        return 0
 
 
 def model_input(series: Series, spec: InputSpec) -> np.ndarray:

@@ -36,10 +36,11 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select
 
 from .config import TRANSFER_SYNTAXES, Settings
 from .spool import Spool, valid_uid
-from .store import ReceivedInstance, Recorded, SeriesConflict, Store, add_event, record_instance
+from .store import Instance, ReceivedInstance, Recorded, SeriesConflict, Store, add_event, record_instance
 
 log = logging.getLogger("machaon.scp")
 
@@ -196,23 +197,28 @@ class StorageSCP:
         KeyError kills that thread (a traceback), leaves the file in incoming/, and no handler hears
         the association end (no log line, and its studies stay "in flight"). So the message's data
         is dropped here, before pynetdicom reads it, and the association aborted."""
-        stats = self._associations.get(id(event.assoc))
-        if stats is None or not isinstance(event.pdu, P_DATA_TF):
+        if not isinstance(event.pdu, P_DATA_TF):
             return
-        if stats.protocol_error:  # aborted already: drop whatever still comes
+        # Until the association thread has run _on_established, the accepted contexts are read here.
+        stats = self._associations.get(id(event.assoc))
+        if stats and stats.protocol_error:  # aborted already: drop whatever still comes
             event.pdu.presentation_data_value_items = []
             return
-        stray = sorted({i.presentation_context_id for i in event.pdu.presentation_data_value_items}
-                       - stats.accepted)
+        accepted = stats.accepted if stats else {cx.context_id for cx in event.assoc.accepted_contexts}
+        used = {item.presentation_context_id for item in event.pdu.presentation_data_value_items}
+        stray = sorted(used - accepted)
         if not stray:
             return
         event.pdu.presentation_data_value_items = []
-        stats.protocol_error = True
-        stats.failed += 1
-        offered = stats.offered.get(stray[0])
-        log.warning("association from %s (%s): a message on presentation context %d (%s), which was "
-                    "not accepted: aborting the association", stats.calling_ae, stats.peer, stray[0],
-                    _describe_context(offered) if offered else "never proposed")
+        requestor = event.assoc.requestor
+        offered = {cx.context_id: cx for cx in requestor.primitive.presentation_context_definition_list}
+        if stats:
+            stats.protocol_error = True
+            stats.failed += 1
+        log.warning("association from %s (%s:%s): a message on presentation context %d (%s), which was "
+                    "not accepted: aborting the association", requestor.ae_title, requestor.address,
+                    requestor.port, stray[0],
+                    _describe_context(offered[stray[0]]) if stray[0] in offered else "never proposed")
         event.assoc.abort()  # within an event handler, pynetdicom's abort does not wait
 
     # --- C-STORE ------------------------------------------------------------
@@ -276,8 +282,8 @@ class StorageSCP:
 
     def index(self, relative: str) -> None:
         """Record a file found under studies/ without a row (a crash between its rename and its
-        commit left it whole but never acknowledged); Refused if it cannot be read, or its UIDs
-        name another place."""
+        commit left it whole but never acknowledged); Refused if it cannot be read, its UIDs name
+        another place, or a newer copy of the instance is kept elsewhere."""
         path = self.spool.path(relative)
         try:
             header, invalid = _read_header(path)
@@ -286,6 +292,9 @@ class StorageSCP:
         if relative != self.spool.relative_path(header.StudyInstanceUID, header.SeriesInstanceUID,
                                                  header.SOPInstanceUID):
             raise Refused(DOES_NOT_MATCH, "cannot be read as filed: its UIDs name another place")
+        kept_at = self._kept_at(header.SOPInstanceUID)
+        if kept_at:  # a crash between a newer copy's commit and this one's removal
+            raise Refused(DOES_NOT_MATCH, f"an older copy of an instance kept at {kept_at}")
         inst = _received(header, header.file_meta.get("TransferSyntaxUID", ""), relative,
                          path.stat().st_size, calling_ae="")
         with self._uid_lock(inst.sop_instance_uid):
@@ -293,6 +302,11 @@ class StorageSCP:
                 self._record(inst, invalid, "startup", indexed=True)
             except SeriesConflict:
                 raise Refused(DOES_NOT_MATCH, "its series belongs to another study") from None
+
+    def _kept_at(self, sop_instance_uid: str) -> str | None:
+        with self.store.read_session() as session:
+            return session.execute(select(Instance.path).where(
+                Instance.sop_instance_uid == sop_instance_uid)).scalar_one_or_none()
 
     def _record(self, inst: ReceivedInstance, invalid: dict[str, str], actor: str,
                 indexed: bool = False) -> Recorded:

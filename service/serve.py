@@ -71,42 +71,51 @@ def start_listener(settings: Settings, store: Store, spool: Spool) -> StorageSCP
 
 def reconcile_spool(store: Store, spool: Spool, index, started: float) -> None:
     """Index the files under studies/ that have no row (a crash between their rename and their
-    commit: they are whole, but were never acknowledged), or quarantine those that cannot be read.
-    `index(relative)` records one file; files written since `started` are this process's own."""
+    commit: they are whole, but were never acknowledged), or quarantine those that cannot be
+    indexed. `index(relative)` records one file; files written since `started` are this process's
+    own. One file that fails is logged and the others go on; the next start looks again."""
+    counts = dict.fromkeys(("indexed", "quarantined", "failed", "skipped"), 0)
     try:
-        indexed, quarantined = _reconcile(store, spool, index, started)
-    except Exception:  # the store went away, say: the next start looks again
-        log.exception("spool reconciliation stopped")
-        return
-    if indexed or quarantined:
-        log.warning("spool: %d file(s) without a row indexed, %d unreadable one(s) moved to %s",
-                    indexed, quarantined, spool.quarantined)
+        for study_uid, files in spool.study_files():
+            with store.read_session() as session:
+                known = set(session.execute(select(Instance.path).join(Series).join(Study)
+                                            .where(Study.study_uid == study_uid)).scalars())
+            for relative in files:
+                if relative not in known:
+                    counts[_reconcile(store, spool, index, started, study_uid, relative)] += 1
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # the store went away: the next start looks again
+        log.error("spool reconciliation stopped: the job store failed: %s", exc)
+    if counts["indexed"] or counts["quarantined"] or counts["failed"]:
+        log.warning("spool: of the files found without a row, %(indexed)d indexed, %(quarantined)d moved "
+                    "to quarantine/, %(failed)d left for the next start", counts)
 
 
-def _reconcile(store: Store, spool: Spool, index, started: float) -> tuple[int, int]:
-    indexed = quarantined = 0
-    for study_uid, files in spool.study_files():
-        with store.read_session() as session:
-            known = set(session.execute(select(Instance.path).join(Series).join(Study)
-                                        .where(Study.study_uid == study_uid)).scalars())
-        for relative in files:
-            if relative in known or spool.path(relative).stat().st_mtime >= started:
-                continue
-            try:
-                index(relative)
-                indexed += 1
-            except Refused as exc:
-                _quarantine(store, spool, relative, study_uid, str(exc))
-                quarantined += 1
-    return indexed, quarantined
-
-
-def _quarantine(store: Store, spool: Spool, relative: str, study_uid: str, reason: str) -> None:
-    moved = spool.quarantine(relative)
+def _reconcile(store: Store, spool: Spool, index, started: float, study_uid: str, relative: str) -> str:
+    """What became of one file without a row: "indexed", "quarantined", "failed" or "skipped"."""
+    try:
+        if spool.path(relative).stat().st_mtime >= started:
+            return "skipped"  # received by this process, its row on its way
+        index(relative)
+        return "indexed"
+    except FileNotFoundError:
+        return "skipped"  # a replaced copy, removed by the listener meanwhile
+    except Refused as exc:
+        reason = str(exc)
+    except sqlalchemy.exc.SQLAlchemyError:
+        raise
+    except Exception:  # a bug: this file waits for the next start, the others go on
+        log.exception("could not index %s", relative)
+        return "failed"
+    try:
+        moved = spool.quarantine(relative)
+    except OSError as exc:
+        log.error("could not move %s to quarantine/: %s", relative, exc.strerror or exc)
+        return "failed"
     with store.session.begin() as session:
         add_event(session, "startup", "spool.quarantined", study_uid if valid_uid(study_uid) else None,
                   path=moved, reason=reason)
-    log.warning("%s cannot be read (%s): moved to %s", relative, reason, moved)
+    log.warning("%s cannot be indexed (%s): moved to %s", relative, reason, moved)
+    return "quarantined"
 
 
 def serve(settings: Settings, on_ready=None) -> None:

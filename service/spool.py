@@ -114,7 +114,8 @@ class Spool:
         """(study folder name, relative paths of its files) for each study folder in the spool."""
         for study in sorted(self.studies.iterdir()):
             if study.is_dir():
-                yield study.name, sorted(str(p.relative_to(self.root)) for p in study.rglob("*") if p.is_file())
+                files = (p for p in study.rglob("*") if p.is_file())
+                yield study.name, sorted(str(p.relative_to(self.root)) for p in files)
 
     def quarantine(self, relative: str) -> str:
         """Move a kept file out of studies/ into quarantine/, keeping its place below; returns
@@ -122,6 +123,10 @@ class Spool:
         source = self.root / relative
         target = self.quarantined / Path(relative).relative_to("studies")
         _make_dirs_durably(target.parent)
+        copies = 1
+        while target.exists():  # quarantined before under the same name: keep both
+            target = target.with_name(f"{Path(relative).name}.{copies}")
+            copies += 1
         os.replace(source, target)
         _fsync_dir(target.parent)
         _fsync_dir(source.parent)

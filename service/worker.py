@@ -20,6 +20,7 @@ import traceback
 from datetime import timedelta
 
 import numpy as np
+import sqlalchemy.exc
 from sqlalchemy import select
 
 from .config import Settings
@@ -53,6 +54,8 @@ def plan_jobs(store: Store, spool: Spool, rules: list[Rule]) -> int:
     for study_id, study_uid, generation in due:
         try:
             created += _plan_study(store, spool, rules, study_id, study_uid, generation)
+        except sqlalchemy.exc.SQLAlchemyError:
+            raise  # the store, not the study: the next pass plans it
         except Exception as exc:  # a bug: logged once, and the study is not tried again each pass
             log.exception("study %s: planning failed", study_uid)
             _planning_failed(store, study_id, study_uid, generation,
@@ -72,10 +75,12 @@ def _plan_study(store: Store, spool: Spool, rules: list[Rule], study_id: int, st
     problem = "; ".join(problems) or None
     with store.session.begin() as session:
         study = session.get(Study, study_id, with_for_update=True)
-        if study.status != COMPLETE or study.completion_count != generation or study.planned_count >= generation:
+        if (study.status != COMPLETE or study.completion_count != generation
+                or study.planned_count >= generation):
             return 0  # reopened or planned meanwhile: the next pass sees it as it is now
-        jobs = [Job(study_id=study_id, series_id=series_id, model=model, rule=rule.name, generation=generation,
-                    status=QUEUED, priority=rule.priority, attempts=0, created_at=utcnow())
+        jobs = [Job(study_id=study_id, series_id=series_id, model=model, rule=rule.name,
+                    generation=generation, status=QUEUED, priority=rule.priority, attempts=0,
+                    created_at=utcnow())
                 for series_id, rule, model in planned]
         session.add_all(jobs)
         session.flush()
@@ -90,18 +95,20 @@ def _plan_study(store: Store, spool: Spool, rules: list[Rule], study_id: int, st
             add_event(session, "scheduler", "study.no_rule_matched", study_uid, series=len(facts))
     if problem:
         log.warning("study %s: %s", study_uid, problem)
-    log.info("study %s: %s", study_uid, f"{len(planned)} job(s) queued" if planned else "no rule matched")
+    if planned or not problem:
+        log.info("study %s: %s", study_uid, f"{len(planned)} job(s) queued" if planned else "no rule matched")
     return len(planned)
 
 
 def _supersede(session, jobs: list[Job]) -> list[int]:
-    """Older completions' jobs still queued for the same series and model will not run:
+    """Older completions' jobs still queued for the same series, rule and model will not run:
     the new job does the same work on what the series holds now. Returns their ids."""
     superseded = []
     for job in jobs:
         older = session.execute(select(Job).where(
-            Job.series_id == job.series_id, Job.model == job.model, Job.status == QUEUED,
-            Job.generation < job.generation).with_for_update(skip_locked=True)).scalars()
+            Job.series_id == job.series_id, Job.rule == job.rule, Job.model == job.model,
+            Job.status == QUEUED, Job.generation < job.generation,
+        ).with_for_update(skip_locked=True)).scalars()
         for old in older:
             old.status, old.superseded_by, old.finished_at = SUPERSEDED, job.id, job.created_at
             superseded.append(old.id)
@@ -209,7 +216,7 @@ class Runner:
         package = load_package(self.settings.models.path, model)
         model_run = self.sessions.get(package, self.settings.inference.precision).run
         clock.lap("load_model")
-        series = read_series(paths)
+        series = read_series(paths, self.settings.worker.duplicates)
         clock.lap("read_and_decode")
         x = model_input(series, package.manifest.input)
         clock.lap("prepare")
@@ -233,6 +240,10 @@ class Runner:
                  seconds: dict[str, float], dropped: list[str]) -> bool:
         now = utcnow()
         with self.store.session.begin() as session:
+            # The study's row first: the jobs that make the same objects are all of this study, so
+            # one at a time sees which objects are already on their way (each is sent once).
+            study_id = session.scalar(select(Job.study_id).where(Job.id == job_id))
+            session.get(Study, study_id, with_for_update=True)
             job = session.get(Job, job_id, with_for_update=True)
             if job.status != RUNNING or job.lease_owner != self.owner:
                 log.warning("job %d was taken over while it ran; its results are left to the new run", job_id)

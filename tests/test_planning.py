@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.tag import Tag
 from conftest import MACHAON, acknowledged, run_machaon, storescu
 from machaon import phantom
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from test_jobs import finished, folder_setup, jobs_of
 
 
@@ -40,7 +40,7 @@ def test_a_study_that_cannot_be_read_fails_its_planning_and_the_next_study_is_pl
     server.wait_for(lambda: jobs_of(server, good.study_uid), what="the good study's job")
     assert server.study(good.study_uid)["planning_error"] is None
     listed = run_machaon("studies", "list", config=server.config, env={"COLUMNS": "200"})
-    assert "planning failed" in listed.stdout
+    assert "planning problem" in listed.stdout
     assert "Traceback" not in server.log()
     assert server.log().count(f"study {bad.study_uid}: instance {header.SOPInstanceUID}") == 1
 
@@ -117,6 +117,12 @@ def test_files_left_without_a_row_are_indexed_or_quarantined_at_start(serve, tmp
     folder = server.spool / "studies" / last.StudyInstanceUID / last.SeriesInstanceUID
     shutil.copyfile(study.sax_files[-1], folder / f"{last.SOPInstanceUID}.dcm")
     (folder / "1.2.3.4.dcm").write_bytes(b"not DICOM")
+    # and an older copy of a kept instance, filed under the UIDs it had before it was sent again
+    older = pydicom.dcmread(study.sax_files[0])
+    kept_at = f"studies/{older.StudyInstanceUID}/{older.SeriesInstanceUID}/{older.SOPInstanceUID}.dcm"
+    older.StudyInstanceUID, older.SeriesInstanceUID = "1.2.3.5", "1.2.3.6"
+    (server.spool / "studies" / "1.2.3.5" / "1.2.3.6").mkdir(parents=True)
+    older.save_as(server.spool / "studies" / "1.2.3.5" / "1.2.3.6" / f"{older.SOPInstanceUID}.dcm")
     server.start()
     server.wait_for(lambda: server.study(study.study_uid)["instance_count"] == phantom.SAX_SLICES,
                     what="the file without a row to be indexed")
@@ -127,3 +133,7 @@ def test_files_left_without_a_row_are_indexed_or_quarantined_at_start(serve, tmp
     assert "quarantine/" in events["spool.quarantined"]["detail"]["path"]
     assert "cannot be decoded" in events["spool.quarantined"]["detail"]["reason"]
     assert Path(server.spool / events["spool.quarantined"]["detail"]["path"]).exists()
+    server.wait_for(lambda: (server.spool / "quarantine" / "1.2.3.5" / "1.2.3.6").exists(),
+                    what="the older copy to be quarantined")
+    assert server.study("1.2.3.5") is None  # not indexed over the newer copy
+    assert f"an older copy of an instance kept at {kept_at}" in server.log()

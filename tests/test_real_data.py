@@ -328,10 +328,15 @@ def test_missing_end_slices_are_found_from_images_in_acquisition(study, lv):
 
 
 def test_too_few_slices_for_a_volume(study, lv, tmp_path):
+    # Whole as the headers tell: nothing more will come, so it does not wait for more.
     files = [copy(p, tmp_path / p.name, ImagesInAcquisition=3) for p in study.sax_files[:3]]
-    with pytest.raises(IncompleteSeries, match=r"^series incomplete: 3 slices, fewer than the 5 the model "
-                       r"needs \(input.stack.min_slices\); it runs again"):
+    with pytest.raises(PrepareError, match=r"^3 slices, fewer than the 5 the model needs to measure a volume "
+                       r"\(input.stack.min_slices\); send the whole stack") as refused:
         model_input(read_series(files), lv.manifest.input)
+    assert not isinstance(refused.value, IncompleteSeries)
+    with pytest.raises(IncompleteSeries, match=r"^series incomplete: 3 slices, fewer than the 5 the model "
+                       r"needs \(input.stack.min_slices\); 3 of 12 images expected"):
+        model_input(read_series(study.sax_files[:3]), lv.manifest.input)
 
 
 def test_slices_too_far_apart_or_unevenly_spaced_are_refused(study, lv, tmp_path):

@@ -183,3 +183,40 @@ def test_study_with_an_open_association_is_not_quiet(store):
     with store.session.begin() as session:  # the maximum still applies
         [forced] = complete_quiet_studies(session, 0.01, 0.01, in_flight={study})
     assert forced.forced
+
+
+def test_migrating_down_and_up_keeps_results_and_their_deliveries(store):
+    # Two runs of one job made the same object (one SOP Instance UID): since 0003 each job has its
+    # own row; going back to 0002 (one row per UID) and up again loses no delivery.
+    from alembic import command
+    from machaon.store import _alembic_config
+    from sqlalchemy import text
+
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO studies (id, study_uid, status, first_received_at, opened_at, "
+                          "last_received_at, completion_count, planned_count) VALUES "
+                          "(1, '1.2.3', 'complete', '2026-12-01', '2026-12-01', '2026-12-01', 2, 2)"))
+        for job in (1, 2):
+            conn.execute(text("INSERT INTO jobs (id, study_id, model, status, priority, attempts, created_at, "
+                              f"generation) VALUES ({job}, 1, 'm', 'succeeded', 0, 1, '2026-12-01', {job})"))
+            conn.execute(text("INSERT INTO results (id, job_id, kind, sop_class_uid, sop_instance_uid, series_uid, "
+                              f"path, created_at) VALUES ({job}, {job}, 'sr', '1.2', '1.2.3.4', '1.2.3.5', "
+                              "'results/x.dcm', '2026-12-01')"))
+            conn.execute(text("INSERT INTO deliveries (id, result_id, destination, status, attempts) VALUES "
+                              f"({job}, {job}, 'pacs{job}', 'sent', 1)"))
+
+    def migrate(step, revision):
+        with store.engine.connect() as conn:
+            if store.engine.dialect.name == "sqlite":  # as store.upgrade: no cascades while tables are copied
+                conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+            step(_alembic_config(conn), revision)
+
+    migrate(command.downgrade, "0002")
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT id FROM results")).scalars().all() == [1]
+        assert conn.execute(text("SELECT result_id, destination FROM deliveries ORDER BY id")).all() == \
+            [(1, "pacs1"), (1, "pacs2")]
+    migrate(command.upgrade, "head")
+    check_schema(store.engine)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM deliveries")).scalar() == 2

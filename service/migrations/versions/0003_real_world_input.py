@@ -12,7 +12,7 @@ down_revision = '0002'
 branch_labels = None
 depends_on = None
 
-# 0001 left the unique constraint on results.sop_instance_uid unnamed; this names it so it can go.
+# 0001 left the unique constraint on results.sop_instance_uid unnamed; on SQLite this names it so it can go.
 _NAMING = {"uq": "uq_%(table_name)s_%(column_0_name)s"}
 
 
@@ -22,17 +22,29 @@ def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('superseded_by', sa.Integer(), nullable=True))
     # A re-run's results are rows of its own job: unique per job, not per SOP Instance UID.
-    if op.get_bind().dialect.name == 'postgresql':
-        op.drop_constraint('results_sop_instance_uid_key', 'results', type_='unique')
+    bind = op.get_bind()
+    if bind.dialect.name == 'postgresql':
+        [name] = [c['name'] for c in sa.inspect(bind).get_unique_constraints('results')
+                  if c['column_names'] == ['sop_instance_uid']]
+        op.drop_constraint(name, 'results', type_='unique')
     else:
         with op.batch_alter_table('results', naming_convention=_NAMING) as batch_op:
             batch_op.drop_constraint('uq_results_sop_instance_uid', type_='unique')
     with op.batch_alter_table('results', schema=None) as batch_op:
-        batch_op.create_unique_constraint('uq_results_job_id_sop_instance_uid', ['job_id', 'sop_instance_uid'])
+        batch_op.create_unique_constraint('uq_results_job_id_sop_instance_uid',
+                                          ['job_id', 'sop_instance_uid'])
         batch_op.create_index(batch_op.f('ix_results_sop_instance_uid'), ['sop_instance_uid'], unique=False)
 
 
 def downgrade() -> None:
+    # One row per SOP Instance UID again: the first job's row keeps the object's deliveries
+    # (a later job's row holds at most deliveries to other destinations), the others go.
+    op.execute("""UPDATE deliveries SET result_id = (
+        SELECT MIN(first.id) FROM results first
+        JOIN results own ON own.sop_instance_uid = first.sop_instance_uid
+        WHERE own.id = deliveries.result_id)""")
+    op.execute("""DELETE FROM results
+        WHERE id NOT IN (SELECT MIN(id) FROM results GROUP BY sop_instance_uid)""")
     with op.batch_alter_table('results', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_results_sop_instance_uid'))
         batch_op.drop_constraint('uq_results_job_id_sop_instance_uid', type_='unique')
