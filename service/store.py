@@ -124,7 +124,7 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
-    # A queued job made redundant by a newer completion's job for the same series and model.
+    # A queued job made redundant by a newer completion's job for the same series, rule and model.
     superseded_by: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
