@@ -57,6 +57,13 @@ def built_models(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def lv(built_models):
+    """The built lv-segmentation package."""
+    from machaon.manifest import Package
+    return Package(built_models / "lv-segmentation")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

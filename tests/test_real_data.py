@@ -45,11 +45,6 @@ def study(tmp_path_factory):
     return phantom.write_study(tmp_path_factory.mktemp("phantom"), seed=31, views=False)
 
 
-@pytest.fixture(scope="module")
-def lv(built_models):
-    return Package(built_models / "lv-segmentation")
-
-
 def copy(path: Path, dest: Path, **changes) -> Path:
     """The instance at `path` saved as `dest` under a new SOP Instance UID, with attributes changed."""
     ds = pydicom.dcmread(path)

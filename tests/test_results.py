@@ -41,11 +41,6 @@ def study(tmp_path_factory):
     return phantom.write_study(tmp_path_factory.mktemp("phantom"), seed=21, views=True)
 
 
-@pytest.fixture(scope="module")
-def lv(built_models):
-    return Package(built_models / "lv-segmentation")
-
-
 def test_slices_are_ordered_by_geometry_not_by_file_or_instance_number(study, tmp_path):
     files = list(study.sax_files)
     random.Random(1).shuffle(files)
