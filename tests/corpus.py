@@ -24,13 +24,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pynetdicom
+from dicomgen import set_raw
 from machaon import phantom
 from pydicom.data import get_testdata_file
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     MPEG4HP41,
@@ -211,15 +209,6 @@ def _damaged_stacks(folder: Path) -> list[CorpusFile]:
     return files
 
 
-def _raw(ds: Dataset, keyword: str, text: str) -> None:
-    """Set a value as the bytes a careless sender writes: pydicom would refuse to store
-    text in an IS or DS element through its attributes."""
-    tag = Tag(tag_for_keyword(keyword))
-    value = text.encode("latin-1")
-    value += b" " * (len(value) % 2)
-    ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
-
-
 def _save_all(datasets: list[Dataset], paths: list[Path]) -> list[Path]:
     for ds, path in zip(datasets, paths, strict=True):
         ds.save_as(path)
@@ -228,28 +217,28 @@ def _save_all(datasets: list[Dataset], paths: list[Path]) -> list[Path]:
 
 def _wrong_types(datasets, paths):
     for ds in datasets:
-        _raw(ds, "StudyDate", "not a date")
-        _raw(ds, "SeriesDate", "2026-01-01")  # a date, but not as DICOM writes one
-        _raw(ds, "StudyTime", "25:99")
-        _raw(ds, "PatientBirthDate", "unknown")
-        _raw(ds, "SeriesNumber", "1A")
-        _raw(ds, "InstanceNumber", "x" + str(ds.InstanceNumber))
-        _raw(ds, "SliceThickness", "eight mm")
-        _raw(ds, "PatientAge", "forty")
-        _raw(ds, "PatientID", "P" * 90)  # LO holds 64 characters
-        _raw(ds, "AccessionNumber", "A" * 40)  # SH holds 16
+        set_raw(ds, "StudyDate", "not a date")
+        set_raw(ds, "SeriesDate", "2026-01-01")  # a date, but not as DICOM writes one
+        set_raw(ds, "StudyTime", "25:99")
+        set_raw(ds, "PatientBirthDate", "unknown")
+        set_raw(ds, "SeriesNumber", "1A")
+        set_raw(ds, "InstanceNumber", "x" + str(ds.InstanceNumber))
+        set_raw(ds, "SliceThickness", "eight mm")
+        set_raw(ds, "PatientAge", "forty")
+        set_raw(ds, "PatientID", "P" * 90)  # LO holds 64 characters
+        set_raw(ds, "AccessionNumber", "A" * 40)  # SH holds 16
     return _save_all(datasets, paths)
 
 
 def _frames_1a(datasets, paths):
     for ds in datasets:
-        _raw(ds, "NumberOfFrames", "1A")
+        set_raw(ds, "NumberOfFrames", "1A")
     return _save_all(datasets, paths)
 
 
 def _text_in_pixel_spacing(datasets, paths):
     for ds in datasets:
-        _raw(ds, "PixelSpacing", "abc\\1.40625")
+        set_raw(ds, "PixelSpacing", "abc\\1.40625")
     return _save_all(datasets, paths)
 
 
@@ -360,7 +349,7 @@ def _no_series_uid() -> Dataset:
 
 def _bad_study_uid() -> Dataset:
     ds = _radiograph("bad study uid", size=64)
-    _raw(ds, "StudyInstanceUID", "1.2.3.STUDY.4")
+    set_raw(ds, "StudyInstanceUID", "1.2.3.STUDY.4")
     return ds
 
 

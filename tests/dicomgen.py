@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -57,3 +60,21 @@ def write_ct_series(folder: Path, slices: int, size: int = 512, seed: int = 0,
         ct_slice(study_uid, series_uid, i, pixels).save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def set_raw(ds: Dataset, keyword: str, value: str | bytes) -> None:
+    """Set a value as the bytes a careless sender writes, whatever its VR says: pydicom would
+    refuse to store text in an IS or DS element through its attributes."""
+    tag = tag_for_keyword(keyword)
+    raw = value if isinstance(value, bytes) else value.encode("latin-1")
+    raw += b" " * (len(raw) % 2)
+    ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+
+
+def with_raw_values(path: Path, out: Path, **values: str | bytes) -> Path:
+    """A copy of `path` at `out` with the values set as given (set_raw)."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        set_raw(ds, keyword, value)
+    ds.save_as(out, enforce_file_format=True)
+    return out

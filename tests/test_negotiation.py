@@ -8,11 +8,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import acknowledged, dataset_bytes, storescu
-from dicomgen import write_ct_series
+from dicomgen import with_raw_values, write_ct_series
 from machaon.config import ConfigError, load_settings
 from pydicom.data import get_testdata_file
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -145,16 +143,6 @@ def test_retired_storage_sop_classes_are_accepted_and_kept(serve, tmp_path):
         assert dataset_bytes(stored_path(server, header)) == dataset_bytes(source)
         assert instance_row(server, header)["sop_class_uid"] == header.SOPClassUID
     assert "rejected" not in server.log()
-
-
-def with_raw_values(path: Path, out: Path, **values: bytes) -> Path:
-    """`path` with elements written exactly as given, whatever their VR says."""
-    ds = pydicom.dcmread(path)
-    for keyword, value in values.items():
-        tag = tag_for_keyword(keyword)
-        ds[tag] = RawDataElement(tag, pydicom.datadict.dictionary_VR(tag), len(value), value, 0, False, True)
-    ds.save_as(out, enforce_file_format=True)
-    return out
 
 
 def test_values_not_what_their_vr_says_are_recorded_as_absent_and_the_file_kept(serve, tmp_path):

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pydicom
 from conftest import MACHAON, acknowledged, run_machaon, storescu
+from dicomgen import with_raw_values
 from machaon import phantom
-from pydicom.dataelem import RawDataElement
-from pydicom.tag import Tag
 from test_jobs import finished, folder_setup, jobs_of
 
 
@@ -45,18 +44,9 @@ def test_a_study_that_cannot_be_read_fails_its_planning_and_the_next_study_is_pl
     assert server.log().count(f"study {bad.study_uid}: instance {header.SOPInstanceUID}") == 1
 
 
-def with_raw_value(source: Path, target: Path, keyword: str, vr: str, raw: bytes) -> Path:
-    """A copy of `source` whose `keyword` holds `raw` as sent, however wrong for its VR."""
-    ds = pydicom.dcmread(source)
-    tag = Tag(keyword)
-    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
-    ds.save_as(target)
-    return target
-
-
 def test_rules_test_reads_a_folder_with_a_malformed_value(tmp_path):
     study = phantom.write_study(tmp_path / "study", seed=42, views=False)
-    with_raw_value(study.sax_files[0], study.sax_files[0], "NumberOfFrames", "IS", b"1A")
+    with_raw_values(study.sax_files[0], study.sax_files[0], NumberOfFrames="1A")
     done = run_machaon("rules", "test", str(tmp_path / "study"), env={"COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert "'SAX cine (phantom)', 12 images of 256x256\n  match cardiac-short-axis" in done.stdout
