@@ -8,7 +8,7 @@ same process slows ONNX Runtime down); they take turns, round after round, so
 a noisy machine hurts them alike.
 
     .venv/bin/machaon models build lv-segmentation cxr-findings
-    .venv/bin/python benchmarks/inference.py [--rounds 3] [--seconds 2] [--providers cpu]
+    .venv/bin/python -m benchmarks.inference [--rounds 3] [--seconds 2] [--providers cpu]
         [--no-tensorflow]   # e.g. on a GPU machine, to time only ONNX Runtime's providers
 
 Prints images/s and each runner's ratio to model.predict, with the variants'
@@ -28,7 +28,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
 MODELS = ("lv-segmentation", "cxr-findings")
 BATCHES = (1, 8)
 
@@ -38,7 +37,7 @@ class Runner:
         self.label = label
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env)
+                                     env=env, cwd=REPO)
         self.providers = self._answer()["providers"]
 
     def _answer(self) -> dict:
@@ -77,15 +76,15 @@ def runners_for(name: str, args, workdir: Path) -> list[Runner]:
     from machaon.manifest import Package
 
     package = Package(Path(args.models) / name)
-    worker = str(HERE / "inference_worker.py")
+    worker = ["-m", "benchmarks.inference_worker"]
     precisions = ("fp32", *[v.precision for v in package.manifest.variants])
-    runners = [Runner(f"onnxruntime {p}", [sys.executable, worker, "ort", str(package.folder), p,
+    runners = [Runner(f"onnxruntime {p}", [sys.executable, *worker, "ort", str(package.folder), p,
                                            "--providers", args.providers]) for p in precisions]
     if not args.no_tensorflow:
         keras_python = Path(args.envs) / "keras" / "bin" / "python"
         source = keras_source(name, keras_python, workdir)
-        runners += [Runner("keras model.predict", [str(keras_python), worker, "keras-predict", str(source)]),
-                    Runner("tf.function", [str(keras_python), worker, "keras-function", str(source)])]
+        runners += [Runner("keras model.predict", [str(keras_python), *worker, "keras-predict", str(source)]),
+                    Runner("tf.function", [str(keras_python), *worker, "keras-function", str(source)])]
     return runners
 
 

@@ -1,8 +1,8 @@
 """One inference runner for benchmarks/inference.py, in its own process.
 
-    inference_worker.py ort PACKAGE PRECISION     (machaon's environment: its own session code)
-    inference_worker.py keras-predict MODEL       (the Keras build environment: model.predict)
-    inference_worker.py keras-function MODEL      (the Keras build environment: a tf.function)
+    python -m benchmarks.inference_worker ort PACKAGE PRECISION  (machaon's environment: its own session code)
+    python -m benchmarks.inference_worker keras-predict MODEL  (the Keras build environment: model.predict)
+    python -m benchmarks.inference_worker keras-function MODEL  (the Keras build environment: a tf.function)
     ... [--providers tensorrt,cuda,cpu]           (ort only; default: cpu)
 
 Reads "BATCH SECONDS" lines on stdin; for each, runs the model on random input
@@ -20,20 +20,19 @@ from pathlib import Path
 
 
 def ort_runner(package: str, precision: str, providers: str):
-    """machaon's own session (machaon.inference.Model), as `machaon serve` runs it."""
+    """machaon's own session (machaon.inference.OrtModel), as `machaon serve` runs it."""
     import numpy as np
-    from machaon.inference import Model, RuntimeOptions
+    from machaon.inference import OrtModel, RuntimeOptions
     from machaon.manifest import Package
 
-    model = Model(Package(Path(package)), precision, RuntimeOptions(tuple(providers.split(","))))
+    model = OrtModel(Package(Path(package)), precision, RuntimeOptions(tuple(providers.split(","))))
     print(json.dumps({"providers": model.providers}), flush=True)
     return model.run, list(model.package.manifest.input.shape(1)[1:]), np
 
 
 def keras_runner(path: str, mode: str):
     """The source model in TensorFlow: model.predict, or a tf.function around the model."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "converters"))
-    from keras_to_onnx import keras_major
+    from converters.keras_to_onnx import keras_major
 
     legacy = keras_major(Path(path)) == 2
     if legacy:

@@ -7,7 +7,7 @@ and commits every row before it answers; storescp does neither. A third
 receiver, pynetdicom with a handler that keeps nothing (noop_scp.py), shows
 the ceiling of the network layer machaon is built on.
 
-    .venv/bin/python benchmarks/ingest.py [--rounds 3] [--slices 300] [--database postgresql+psycopg://...]
+    .venv/bin/python -m benchmarks.ingest [--rounds 3] [--slices 300] [--database postgresql+psycopg://...]
 
 Prints images/s per receiver and case, and the ratio machaon / storescp;
 writes the same as JSON to benchmarks/out/ingest.json.
@@ -28,10 +28,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.dicomgen import write_ct_series
+from tests.harness import free_port
+
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from conftest import free_port  # noqa: E402
-from dicomgen import write_ct_series  # noqa: E402
 
 MACHAON = str(Path(sys.executable).with_name("machaon"))
 ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -19,7 +19,7 @@ measured right after each study so that both see the machine in the same state;
 the figures are medians over the rounds.
 
     .venv/bin/machaon models build lv-segmentation
-    .venv/bin/python benchmarks/pipeline.py [--rounds 3] [--slices 20]
+    .venv/bin/python -m benchmarks.pipeline [--rounds 3] [--slices 20]
 
 Writes benchmarks/out/pipeline.json.
 """
@@ -35,9 +35,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from tests.harness import Orthanc, Server, run_machaon, storescu
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from conftest import Orthanc, Server, run_machaon, storescu  # noqa: E402
 
 QUIET = 1.0
 BATCH = 8
@@ -64,11 +64,11 @@ class PureOnnxRuntime:
     the service uses (the same model_input, the same batch size)."""
 
     def __init__(self, models: Path, batch: int):
-        from machaon.inference import RuntimeOptions, Sessions
+        from machaon.inference import OrtSessions, RuntimeOptions
         from machaon.manifest import Package
 
         self.package = Package(models / "lv-segmentation")
-        self.model = Sessions(RuntimeOptions(providers=("cpu",))).get(self.package)
+        self.model = OrtSessions(RuntimeOptions(providers=("cpu",))).get(self.package)
         self.batch = batch
 
     def seconds(self, files: list[Path], repeats: int = 3) -> float:
@@ -94,7 +94,7 @@ def shown(store, study_uid: str) -> dict | None:
 
 def one_study(server: Server, store, orthanc: Orthanc, peer: PureOnnxRuntime, workdir: Path, seed: int,
               slices: int) -> dict:
-    from machaon import phantom
+    from machaon.tools import phantom
 
     study = phantom.write_study(workdir / f"study{seed}", seed=seed, views=False, slices=slices)
     sent = storescu(server.port, *study.sax_files)

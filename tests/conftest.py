@@ -1,51 +1,26 @@
-"""Shared fixtures: a PostgreSQL database per run, `machaon serve` as a real process,
-and model packages built from models/ in the real build environments."""
+"""Shared fixtures: a PostgreSQL database per run, `machaon serve` as a real process, a real
+Orthanc, and model packages built from models/ in the real build environments. The helpers they
+use are in harness.py."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import tomllib
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-import tomli_w
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.harness import ENVS, Orthanc, Server, copy_model, run_machaon
 
-MACHAON = str(Path(sys.executable).with_name("machaon"))
 # The server every store test also runs against; CI starts it (.ci/run).
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-REPO = Path(__file__).resolve().parents[1]
-# The build environments (TensorFlow, MXNet) the model tests use; created on first use.
-ENVS = Path(os.environ.get("MACHAON_TEST_ENVS", REPO / "build" / "envs"))
-
-
-def copy_model(sources: Path, name: str, **changes) -> Path:
-    """models/<name> copied under `sources`, with manifest fields changed ("input.size" = [64, 64])."""
-    folder = sources / name
-    shutil.copytree(REPO / "models" / name, folder, ignore=shutil.ignore_patterns("__pycache__"))
-    manifest = tomllib.loads((folder / "manifest.toml").read_text())
-    for dotted, value in changes.items():
-        section, key = dotted.split(".")
-        manifest[section][key] = value
-    (folder / "manifest.toml").write_text(tomli_w.dumps(manifest))
-    return sources
-
 
 @pytest.fixture(scope="session")
 def built_models(tmp_path_factory):
     """lv-segmentation and cxr-findings built as a user would, without variants (for speed)."""
-    from machaon.build import Builder
+    from machaon.tools.build import Builder
     from rich.console import Console
 
     sources = tmp_path_factory.mktemp("sources")
@@ -62,12 +37,6 @@ def lv(built_models):
     """The built lv-segmentation package."""
     from machaon.manifest import Package
     return Package(built_models / "lv-segmentation")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -110,96 +79,6 @@ def db_url(request, tmp_path):
     return url
 
 
-def run_machaon(*args: str, env: dict | None = None, check: bool = False,
-                config: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    cmd = [MACHAON, *args] + (["--config", str(config)] if config else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
-
-
-class Server:
-    """`machaon serve` running as its own process, as an operator would run it."""
-
-    def __init__(self, workdir: Path, db_url: str, settings: dict[str, dict], extra: str = ""):
-        self.workdir = workdir
-        self.port = free_port()
-        self.db_url = db_url
-        self.log_path = workdir / "serve.log"
-        sections = {
-            "dicom": {"host": "127.0.0.1", "port": self.port, "shutdown_grace": 10},
-            "spool": {"path": str(workdir / "spool"), "min_free_mb": 0},
-            "database": {"url": db_url},
-            "completion": {"complete_after": 1, "check_every": 0.2},
-        }
-        for section, values in settings.items():
-            sections.setdefault(section, {}).update(values)
-        self.spool = Path(sections["spool"]["path"])
-        self.config = workdir / "machaon.toml"
-        self.config.write_text("".join(
-            f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
-            for name, values in sections.items()) + extra)  # extra: TOML tables such as [[rules]]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        self._log = self.log_path.open("a")
-        self.proc = subprocess.Popen([MACHAON, "serve", "--config", str(self.config)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"machaon serve exited {self.proc.returncode}:\n{self.log()}")
-            if "listening as" in self.log():
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"machaon serve did not start:\n{self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"machaon serve did not stop on {sig}:\n{self.log()}") from None
-        if self.proc:
-            self._log.close()
-        return self.proc.returncode if self.proc else 0
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def machaon(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run_machaon(*args, config=self.config, check=check)
-
-    def study(self, study_uid: str) -> dict | None:
-        import json
-        proc = self.machaon("studies", "show", study_uid, "--json", check=False)
-        return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-    def wait_for(self, predicate, timeout: float = 20, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; server log:\n{self.log()}")
-
-
-def _toml(value) -> str:
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return str(value)
-
-
 @pytest.fixture
 def serve(tmp_path):
     """Start `machaon serve` with extra settings; every server is stopped after the test."""
@@ -220,97 +99,6 @@ def serve(tmp_path):
         if server.proc and server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait()
-
-
-def storescu(port: int, *files: Path | str, aet: str = "SCANNER", aec: str = "MACHAON",
-             extra: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess:
-    """DCMTK's storescu, the independent sender. -v logs each response."""
-    cmd = ["storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "TCP_NODELAY": "1"})
-
-
-def acknowledged(storescu_output: str) -> int:
-    """How many C-STOREs storescu -v saw succeed."""
-    return storescu_output.count("Received Store Response (Success)")
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes after the File Meta Information (which a receiver rewrites)."""
-    data = Path(path).read_bytes()
-    assert data[128:132] == b"DICM", f"{path} is not a DICOM file"
-    # (0002,0000) UL group length, explicit VR: tag 4 + VR 2 + length 2 + value 4.
-    assert data[132:138] == b"\x02\x00\x00\x00UL", f"{path} has no File Meta group length"
-    meta_end = 144 + int.from_bytes(data[140:144], "little")
-    return data[meta_end:]
-
-
-class Orthanc:
-    """A real Orthanc PACS (Debian's orthanc + orthanc-dicomweb) on free 127.0.0.1 ports."""
-
-    PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-
-    def __init__(self, folder: Path, **settings):
-        import json
-        self.folder, self.dicom_port, self.http_port = folder, free_port(), free_port()
-        self.config = folder / "orthanc.json"
-        self.config.write_text(json.dumps(settings | {
-            "Name": "machaon-test", "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "storage"), "DicomAet": "ORTHANC",
-            "DicomPort": self.dicom_port, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowFind": True,
-            "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "Plugins": [self.PLUGIN],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "StableAge": 1,
-        }))
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> Orthanc:
-        import urllib.request
-        log = (self.folder / "orthanc.log").open("a")
-        self.proc = subprocess.Popen(["Orthanc", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60  # after a stop, Orthanc waits for its SQLite lock
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"Orthanc exited {self.proc.returncode}: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"{self.url}/system", timeout=1).read()
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError("Orthanc did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-
-    def get(self, path: str):
-        import json
-        import urllib.request
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
-            return json.loads(response.read())
-
-
-def make_certificates(folder: Path) -> Path:
-    """A throwaway CA and two certificates it signs with openssl: `pacs` (for 127.0.0.1) and
-    `machaon` (a client), each as NAME.crt and NAME.key; also `other-ca.crt`, a CA that signed nothing."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
-                "-days", "2", "-subj", f"/CN=machaon test {ca}")
-    for name, san in (("pacs", "IP:127.0.0.1,DNS:localhost"), ("machaon", "DNS:machaon")):
-        (folder / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
-    return folder
 
 
 @pytest.fixture

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pynetdicom
-from dicomgen import set_raw
-from machaon import phantom
+from machaon.tools import phantom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -46,6 +45,8 @@ from pydicom.uid import (
     VideoPhotographicImageStorage,
     generate_uid,
 )
+
+from tests.dicomgen import set_raw
 
 STORESCU, ORTHANC = "storescu", "orthanc"  # who sends a file to machaon
 

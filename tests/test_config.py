@@ -5,9 +5,10 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import free_port, run_machaon
 from machaon.cli import EXIT_CONFIG
 from machaon.config import ConfigError, load_settings
+
+from tests.harness import free_port, run_machaon
 
 
 def write(tmp_path, text: str):

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
-from conftest import ENVS, REPO, copy_model, run_machaon
-from machaon import phantom
-from machaon.build import Builder, BuildError, sample_inputs
-from machaon.inference import RuntimeOptions, Sessions, normalise, to_layout
+from machaon.inference import OrtSessions, RuntimeOptions
 from machaon.manifest import Package, read_manifest
+from machaon.preprocess import normalise, to_layout
+from machaon.tools import phantom
+from machaon.tools.build import Builder, BuildError, sample_inputs
 from rich.console import Console
+
+from tests.harness import ENVS, REPO, copy_model, run_machaon
 
 pytestmark = pytest.mark.converters
 
@@ -42,7 +44,7 @@ def test_keras2_h5_unet_converts_and_still_segments(tmp_path, builder):
     # The converted model segments an unseen phantom as well as its manifest says.
     images, labels = phantom.sax_dataset(3, seed=99)
     x = to_layout(normalise(images, package.manifest.input.normalisation), package.manifest.input)
-    sessions = Sessions(RuntimeOptions(providers=("cpu",)))
+    sessions = OrtSessions(RuntimeOptions(providers=("cpu",)))
     truth = labels == phantom.CAVITY
     for precision in ("fp32", "fp16", "int8"):
         predicted = sessions.get(package, precision).run(x).argmax(-1) == 1
@@ -68,7 +70,7 @@ def test_keras3_model_builds_through_the_cli(tmp_path):
     package = Package(tmp_path / "built" / "cardiac-view")
     images, views = phantom.view_dataset(10, seed=99, matrix=64)
     x = to_layout(normalise(images, package.manifest.input.normalisation), package.manifest.input)
-    predicted = Sessions(RuntimeOptions(providers=("cpu",))).get(package).run(x).argmax(-1)
+    predicted = OrtSessions(RuntimeOptions(providers=("cpu",))).get(package).run(x).argmax(-1)
     assert (predicted == views).mean() >= 0.9
 
 
@@ -79,7 +81,7 @@ def test_gluon_model_converts(tmp_path, builder):
     provenance = package.manifest.provenance
     assert provenance.converter == "mx.onnx" and provenance.opset >= 13
     assert provenance.parity_max_abs_diff <= 1e-4
-    model = Sessions(RuntimeOptions(providers=("cpu",))).get(package)
+    model = OrtSessions(RuntimeOptions(providers=("cpu",))).get(package)
     for batch in (1, 5):  # the batch axis is dynamic
         x = np.random.default_rng(batch).standard_normal(package.manifest.input.shape(batch))
         assert model.run(x).shape == (batch, 2, 128, 128)
@@ -92,7 +94,7 @@ def test_random_weight_recipes_convert(tmp_path, builder, name, size, findings):
     assert package.manifest.demo == "random-weights"
     assert package.manifest.provenance.parity_max_abs_diff <= 1e-4
     x = np.random.default_rng(5).standard_normal(package.manifest.input.shape(3))
-    out = Sessions(RuntimeOptions(providers=("cpu",))).get(package).run(x)
+    out = OrtSessions(RuntimeOptions(providers=("cpu",))).get(package).run(x)
     assert out.shape == (3, findings) and ((0 <= out) & (out <= 1)).all()
 
 

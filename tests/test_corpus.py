@@ -18,9 +18,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import Orthanc, acknowledged, storescu
-from corpus import ORTHANC, STORESCU, CorpusFile, build_corpus
-from machaon import phantom
+from machaon.tools import phantom
+
+from tests.corpus import ORTHANC, STORESCU, CorpusFile, build_corpus
+from tests.harness import Orthanc, acknowledged, storescu
 
 # lv-segmentation on short-axis stacks from anyone; for what the corpus senders send besides,
 # lv-segmentation on other MR images and the chest model on every image, so that most corpus

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import highdicom as hd
 import pytest
-from conftest import MACHAON, free_port
+
+from tests.harness import MACHAON, free_port
 
 
 def _demo_env(built_models: Path, port: int) -> dict:

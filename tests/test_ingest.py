@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import acknowledged, dataset_bytes, free_port, storescu
-from dicomgen import write_ct_series
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
+from tests.dicomgen import write_ct_series
+from tests.harness import acknowledged, dataset_bytes, free_port, storescu
 
 
 def stored_path(server, header) -> Path:

@@ -17,10 +17,11 @@ import highdicom as hd
 import psycopg
 import pydicom
 import pytest
-from conftest import MACHAON, Orthanc, acknowledged, free_port, make_certificates, run_machaon, storescu
-from machaon import phantom
+from machaon.tools import phantom
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
+
+from tests.harness import MACHAON, Orthanc, acknowledged, free_port, make_certificates, run_machaon, storescu
 
 RULES = '''
 [[rules]]

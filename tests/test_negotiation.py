@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import acknowledged, dataset_bytes, storescu
-from dicomgen import with_raw_values, write_ct_series
 from machaon.config import ConfigError, load_settings
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
@@ -19,6 +17,9 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 from pynetdicom import AE, _config
+
+from tests.dicomgen import with_raw_values, write_ct_series
+from tests.harness import acknowledged, dataset_bytes, storescu
 
 
 def stored_path(server, header) -> Path:

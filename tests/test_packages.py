@@ -11,10 +11,11 @@ import numpy as np
 import onnx
 import pytest
 import tomli_w
-from conftest import run_machaon
-from machaon.inference import RuntimeOptions, Sessions
+from machaon.inference import OrtSessions, RuntimeOptions
 from machaon.manifest import Package, PackageError, find_packages, read_manifest, sha256_of
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.harness import run_machaon
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,7 @@ def test_segmentation_needs_segments_with_colours(tmp_path):
 
 def test_a_package_loads_and_its_session_is_created_once(tmp_path):
     package = Package(make_package(tmp_path / "tiny-views"))
-    sessions = Sessions(RuntimeOptions(providers=("cpu",)))
+    sessions = OrtSessions(RuntimeOptions(providers=("cpu",)))
     model = sessions.get(package)
     assert sessions.get(package) is model
     out = model.run(np.zeros((3, 8, 8, 1), np.float32))
@@ -136,7 +137,7 @@ def test_a_package_loads_and_its_session_is_created_once(tmp_path):
 
 def test_a_package_rebuilt_while_serving_gets_a_new_session(tmp_path):
     folder = make_package(tmp_path / "tiny-views")
-    sessions = Sessions(RuntimeOptions(providers=("cpu",)))
+    sessions = OrtSessions(RuntimeOptions(providers=("cpu",)))
     before = sessions.get(Package(folder))
     tiny_onnx(folder / "model.onnx", seed=1)  # as `machaon models build` leaves it: new weights, new manifest
     data = tomllib.loads((folder / "manifest.toml").read_text())
@@ -173,7 +174,7 @@ def test_corrupt_onnx_file_is_refused_by_name(tmp_path):
     data["provenance"]["sha256"] = sha256_of(folder / "model.onnx")  # as if built like this
     (folder / "manifest.toml").write_text(tomli_w.dumps(data))
     with pytest.raises(PackageError, match=r"model tiny-views: ONNX Runtime cannot load .*model\.onnx"):
-        Sessions(RuntimeOptions(providers=("cpu",))).get(Package(folder))
+        OrtSessions(RuntimeOptions(providers=("cpu",))).get(Package(folder))
 
 
 def test_source_manifest_is_not_a_package(tmp_path):

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from machaon import phantom
+from machaon.tools import phantom
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-from conftest import MACHAON, acknowledged, run_machaon, storescu
-from dicomgen import with_raw_values
-from machaon import phantom
-from test_jobs import finished, folder_setup, jobs_of
+from machaon.tools import phantom
+
+from tests.dicomgen import with_raw_values
+from tests.harness import MACHAON, acknowledged, run_machaon, storescu
+from tests.test_jobs import finished, folder_setup, jobs_of
 
 
 def test_a_study_that_cannot_be_read_fails_its_planning_and_the_next_study_is_planned(serve, built_models,

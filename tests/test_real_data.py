@@ -14,9 +14,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicomgen import with_raw_values
-from machaon import phantom
-from machaon.inference import RuntimeOptions, Sessions
+from machaon.inference import OrtSessions, RuntimeOptions
 from machaon.manifest import Manifest, Package
 from machaon.preprocess import (
     IncompleteSeries,
@@ -27,13 +25,16 @@ from machaon.preprocess import (
     read_series,
 )
 from machaon.results import classification_report, segmentation, segmentation_report
+from machaon.tools import phantom
 from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import RLELossless, generate_uid
 
+from tests.dicomgen import with_raw_values
+
 DATA = Path(pydicom.__file__).parents[1] / "data_store" / "data"  # the pydicom-data package's files
 REPO = Path(__file__).resolve().parents[1]
-SESSIONS = Sessions(RuntimeOptions(providers=("cpu",)))
+ORT_SESSIONS = OrtSessions(RuntimeOptions(providers=("cpu",)))
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
          "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
@@ -84,7 +85,7 @@ def without_stack(manifest: Manifest) -> Manifest:
 
 
 def segment(series, package: Package) -> np.ndarray:
-    probabilities = SESSIONS.get(package).run(model_input(series, package.manifest.input))
+    probabilities = ORT_SESSIONS.get(package).run(model_input(series, package.manifest.input))
     return labels_on_source_grid(probabilities, package.manifest.output.layout, *series.pixels.shape[1:3])
 
 
@@ -227,7 +228,7 @@ def test_a_radiograph_without_patient_and_study_data_still_gives_a_classificatio
     ds.save_as(tmp_path / "cr.dcm")
     package = Package(built_models / "cxr-findings")
     series = read_series([tmp_path / "cr.dcm"])
-    probabilities = SESSIONS.get(package).run(model_input(series, package.manifest.input))
+    probabilities = ORT_SESSIONS.get(package).run(model_input(series, package.manifest.input))
     sr = valid(classification_report(series, probabilities, package.manifest), tmp_path / "sr.dcm")
     assert len(sr.content.get_image_measurement_groups()) == 14
     assert sr.PatientID == "" and "PatientID" not in pydicom.dcmread(tmp_path / "cr.dcm")

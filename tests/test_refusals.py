@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import acknowledged, storescu
-from dicomgen import write_ct_series
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
+
+from tests.dicomgen import write_ct_series
+from tests.harness import acknowledged, storescu
 
 
 def send_good_study(server, tmp_path: Path, name: str = "good") -> subprocess.Popen:

@@ -11,15 +11,15 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from machaon import phantom
-from machaon.inference import RuntimeOptions, Sessions
+from machaon.inference import OrtSessions, RuntimeOptions
 from machaon.manifest import Package
 from machaon.preprocess import PrepareError, labels_on_source_grid, model_input, read_series
 from machaon.results import classification_report, segmentation, segmentation_report
+from machaon.tools import phantom
 from pydicom.encaps import encapsulate, get_frame
 
 DATA = Path(pydicom.__file__).parents[1] / "data_store" / "data"  # the pydicom-data package's files
-SESSIONS = Sessions(RuntimeOptions(providers=("cpu",)))
+ORT_SESSIONS = OrtSessions(RuntimeOptions(providers=("cpu",)))
 needs_dciodvfy = pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dciodvfy is installed by .ci/install")
 
 
@@ -31,7 +31,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def segment(files: list[Path], package: Package):
     series = read_series(files)
     manifest = package.manifest
-    probabilities = SESSIONS.get(package).run(model_input(series, manifest.input))
+    probabilities = ORT_SESSIONS.get(package).run(model_input(series, manifest.input))
     labels = labels_on_source_grid(probabilities, manifest.output.layout, *series.pixels.shape[1:3])
     return series, labels
 
@@ -120,7 +120,7 @@ def test_multiframe_source_is_ordered_and_segmented(study, lv, tmp_path):
 def test_chest_radiograph_gives_an_sr_with_14_findings(built_models, tmp_path):
     package = Package(built_models / "cxr-findings")
     series = read_series([DATA / "RG1_J2KR.dcm"])  # a real CR, JPEG 2000, MONOCHROME1
-    probabilities = SESSIONS.get(package).run(model_input(series, package.manifest.input))
+    probabilities = ORT_SESSIONS.get(package).run(model_input(series, package.manifest.input))
     sr = classification_report(series, probabilities, package.manifest)
     sr.save_as(tmp_path / "sr.dcm")
     assert dciodvfy_errors(tmp_path / "sr.dcm") == []

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import acknowledged, run_machaon, storescu
-from machaon import phantom
 from machaon.rules import Match, Rule, SeriesFacts, explain, matching
+from machaon.tools import phantom
+
+from tests.harness import acknowledged, run_machaon, storescu
 
 SAX = SeriesFacts(series_uid="1.2.3", modality="MR", sop_classes={"1.2.840.10008.5.1.4.1.1.4"},
                   series_description="SAX cine", protocol_name="cine_ssfp", body_part="HEART",

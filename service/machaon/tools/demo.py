@@ -15,8 +15,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..config import Settings
 from . import phantom
-from .config import Settings
 
 SEED = 2026
 
@@ -69,8 +69,8 @@ def send_only(target: str, calling_ae: str, console: Console) -> int:
 
 def run_demo(settings: Settings, console: Console, stopping) -> None:
     """Called once `machaon serve` is listening: send the phantom study and report its job."""
-    from .serve import open_store
-    from .store import show_study
+    from ..startup import open_store
+    from ..store import DeliveryStatus, JobStatus, show_study
 
     study = phantom_study(Path("var/demo"))
     files = study.sax_files + list(study.view_files.values())
@@ -91,8 +91,8 @@ def run_demo(settings: Settings, console: Console, stopping) -> None:
                 shown = show_study(session, study.study_uid)
             jobs = shown["jobs"] if shown else []
             results = [r for j in jobs for r in j["results"]]
-            if jobs and all(j["status"] in ("succeeded", "failed") for j in jobs) and all(
-                    d["status"] == "sent" for r in results for d in r["deliveries"]):
+            if jobs and all(JobStatus(j["status"]).finished for j in jobs) and all(
+                    d["status"] == DeliveryStatus.SENT for r in results for d in r["deliveries"]):
                 _report(console, settings, jobs, study)
                 return
             time.sleep(0.5)

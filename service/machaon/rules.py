@@ -176,27 +176,3 @@ def series_in_folder(path: Path) -> tuple[list[SeriesFacts], list[str]]:
         if "SeriesInstanceUID" in ds:
             headers[_text(ds, "SeriesInstanceUID")].append(ds)
     return [SeriesFacts.from_headers(h) for h in headers.values()], problems
-
-
-def series_in_store(session, spool, study_uid: str) -> tuple[list[SeriesFacts], list[str]] | None:
-    """The series of a received study, read from the spool, and a line for each file that
-    could not be read (its series is planned from the others); None if the study is unknown."""
-    from sqlalchemy import select
-
-    from .store import Series, Study
-
-    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
-    if study is None:
-        return None
-    found, problems = [], []
-    for series in session.execute(select(Series).where(Series.study_id == study.id)).scalars():
-        headers = []
-        for instance in series.instances:
-            try:
-                headers.append(read_headers(spool.path(instance.path)))
-            except Exception as exc:  # removed or damaged by hand: the reason goes on the study
-                problems.append(f"instance {instance.sop_instance_uid} of series {series.series_uid}: "
-                                f"cannot read {instance.path} from the spool ({exc})")
-        if headers:
-            found.append(SeriesFacts.from_headers(headers, {i.calling_ae for i in series.instances}))
-    return found, problems

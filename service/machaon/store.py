@@ -1,8 +1,20 @@
 """The job store: what was received, what is complete, what was done, by whom.
 
 SQLAlchemy 2 ORM over SQLite (WAL) or PostgreSQL. Every state change is one
-transaction (DESIGN rule 2). The schema is owned by the Alembic migrations in
+transaction. The schema is owned by the Alembic migrations in
 machaon/migrations; `machaon db upgrade` applies them and start-up checks them.
+
+The states a row goes through, and who moves it (nothing else does):
+
+    study, series  receiving -> complete         completion (quiet period, or forced)
+                   complete  -> receiving        ingest (an image arrived after completion)
+    job            queued    -> running          worker (claim)
+                   running   -> succeeded        worker (results recorded)
+                   running   -> failed           worker (the reason kept on the job)
+                   running   -> running          worker (a lease ran out: claimed again)
+                   queued    -> superseded       planner (a newer completion's job does the work)
+    delivery       pending   -> sent             dispatch (the destination acknowledged it)
+                   pending   -> pending          dispatch (failed; tried again after a backoff)
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ import functools
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,8 +52,29 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-RECEIVING = "receiving"
-COMPLETE = "complete"
+
+class StudyStatus(StrEnum):
+    """A study's (and a series') reception; see the table above."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # queued, then replaced by a newer completion's job before it ran
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUPERSEDED)
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
 
 
 def utcnow() -> datetime:
@@ -333,10 +367,10 @@ def _ingest_statements(dialect: str) -> SimpleNamespace:
                                         Study.study_date, Study.study_description)},
         ).returning(Study.id, Study.status, Study.completion_count),
         reopen_study=update(Study).where(Study.id == bindparam("study_id")).values(
-            status=RECEIVING, opened_at=bindparam("now"), completed_at=None),
+            status=StudyStatus.RECEIVING, opened_at=bindparam("now"), completed_at=None),
         new_series=_insert(dialect, Series).on_conflict_do_nothing(index_elements=["series_uid"]),
         touch_series=update(Series).where(Series.series_uid == bindparam("uid")).values(
-            status=RECEIVING, completed_at=None, last_received_at=bindparam("now"),
+            status=StudyStatus.RECEIVING, completed_at=None, last_received_at=bindparam("now"),
             **{c.key: keep(c) for c in (Series.modality, Series.series_number,
                                         Series.series_description)},
         ).returning(Series.id, Series.study_id),
@@ -365,7 +399,7 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
     q = _ingest_statements(conn.dialect.name)
     now = utcnow()
     created = conn.execute(q.new_study, dict(
-        study_uid=inst.study_uid, status=RECEIVING, first_received_at=now, opened_at=now,
+        study_uid=inst.study_uid, status=StudyStatus.RECEIVING, first_received_at=now, opened_at=now,
         last_received_at=now, completion_count=0)).first() is not None
     # The UPDATE locks the row (PostgreSQL) before we look at its status, so the
     # completion job cannot close the study between our look and our write.
@@ -373,11 +407,12 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
         uid=inst.study_uid, now=now, new_patient_id=inst.patient_id,
         new_patient_name=inst.patient_name, new_accession_number=inst.accession_number,
         new_study_date=inst.study_date, new_study_description=inst.study_description)).one()
-    reopened = status == COMPLETE
+    reopened = status == StudyStatus.COMPLETE
     if reopened:
         conn.execute(q.reopen_study, dict(study_id=study_id, now=now))
     conn.execute(q.new_series, dict(study_id=study_id, series_uid=inst.series_uid,
-                                    status=RECEIVING, first_received_at=now, last_received_at=now))
+                                    status=StudyStatus.RECEIVING, first_received_at=now,
+                                    last_received_at=now))
     series_id, series_study_id = conn.execute(q.touch_series, dict(
         uid=inst.series_uid, now=now, new_modality=inst.modality,
         new_series_number=inst.series_number,

@@ -1,8 +1,9 @@
 """Alembic environment: machaon passes its own engine or connection (store.upgrade)."""
 
 from alembic import context
-from machaon.store import Base
 from sqlalchemy.engine import Connection
+
+from machaon.store import Base
 
 
 def run(connection: Connection) -> None:

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
+from .store import StudyStatus
 
 # sysexits.h EX_CONFIG: systemd units are told not to restart on it.
 EXIT_CONFIG = 78
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     studies = sub.add_parser("studies", help="studies received")
     studies = studies.add_subparsers(required=True, metavar="ACTION")
     p = studies.add_parser("list", parents=[common, json_flag], help="list studies, newest first")
-    p.add_argument("--status", choices=["receiving", "complete"])
+    p.add_argument("--status", choices=[s.value for s in StudyStatus])
     p.add_argument("--limit", type=int, default=None, help="at most this many")
     p.set_defaults(run=_studies_list)
     p = studies.add_parser("show", parents=[common, json_flag], help="one study, its series and history")
@@ -151,7 +152,7 @@ def _db_upgrade(settings: Settings, _args) -> None:
 
 
 def _studies_list(settings: Settings, args) -> None:
-    from .serve import open_store
+    from .startup import open_store
     from .store import list_studies
     store = open_store(settings)
     with store.read_session() as session:
@@ -174,7 +175,7 @@ def _studies_list(settings: Settings, args) -> None:
 
 
 def _studies_show(settings: Settings, args) -> int:
-    from .serve import open_store
+    from .startup import open_store
     from .store import show_study
     store = open_store(settings)
     with store.read_session() as session:
@@ -217,13 +218,23 @@ def _studies_show(settings: Settings, args) -> int:
 def _builder(settings: Settings, args):
     from pathlib import Path
 
-    from .build import Builder
+    from .tools.build import Builder
     return Builder(Path(args.source), settings.models.path, Path(args.envs), out)
 
 
+def _build_extra_missing() -> str | None:
+    """Why `machaon models` cannot build here: the build's own dependencies are an extra."""
+    import importlib.util
+    missing = [m for m in ("onnx", "ml_dtypes", "tomli_w") if importlib.util.find_spec(m) is None]
+    return (f"building models needs {', '.join(missing)}: install machaon with its build extra "
+            "(pip install 'machaon[build]')") if missing else None
+
+
 def _models_build(settings: Settings, args) -> int:
-    from .build import BuildError
+    if problem := _build_extra_missing():
+        return _fail(problem)
     from .manifest import PackageError
+    from .tools.build import BuildError
     builder = _builder(settings, args)
     names = args.names or builder.names()
     if not names:
@@ -242,8 +253,10 @@ def _models_build(settings: Settings, args) -> int:
 
 
 def _models_train(settings: Settings, args) -> int:
-    from .build import BuildError
+    if problem := _build_extra_missing():
+        return _fail(problem)
     from .manifest import PackageError
+    from .tools.build import BuildError
     try:
         _builder(settings, args).train(args.name, args.studies, args.holdout)
     except (BuildError, PackageError) as exc:
@@ -288,12 +301,12 @@ def _package_row(package) -> dict:
 def _models_check(settings: Settings, args) -> int:
     import numpy as np
 
-    from .inference import Model
+    from .inference import OrtModel
     from .manifest import PackageError, load_package
     precision = args.precision or settings.inference.precision
     try:
         package = load_package(settings.models.path, args.name)
-        model = Model(package, precision, settings.inference.runtime_options())
+        model = OrtModel(package, precision, settings.inference.runtime_options())
     except PackageError as exc:
         return _fail(str(exc))
     x = np.random.default_rng(0).standard_normal(package.manifest.input.shape(args.batch)).astype(np.float32)
@@ -318,12 +331,13 @@ def _models_check(settings: Settings, args) -> int:
 def _rules_test(settings: Settings, args) -> int:
     from pathlib import Path
 
-    from .rules import explain, series_in_folder, series_in_store
+    from .planner import series_in_store
+    from .rules import explain, series_in_folder
     if Path(args.target).exists():
         found, problems = series_in_folder(Path(args.target))
     else:
-        from .serve import open_store
         from .spool import Spool
+        from .startup import open_store
         store = open_store(settings)
         with store.read_session() as session:  # reads the spool, never writes to it
             in_store = series_in_store(session, Spool(settings.spool.path), args.target)
@@ -355,7 +369,7 @@ def _rules_test(settings: Settings, args) -> int:
 
 
 def _demo(settings: Settings, args) -> int:
-    from .demo import run_demo, send_only
+    from .tools.demo import run_demo, send_only
     console = Console(highlight=False, soft_wrap=True)  # paths and UIDs stay whole, to copy and paste
     if args.send_only:
         return send_only(args.send_only, settings.dicom.ae_title, console)

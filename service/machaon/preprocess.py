@@ -30,8 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
-from .inference import normalise, to_layout
-from .manifest import InputSpec, StackSpec
+from .manifest import InputSpec, Normalisation, StackSpec
 
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines that differ by less are the same orientation
 POSITION_DECIMALS = 2  # positions that agree to 0.01 mm are one position
@@ -439,6 +438,34 @@ def _count(ds: Dataset, keyword: str) -> int:
         return int(ds.get(keyword) or 0)
     except (ValueError, TypeError):
         return 0
+
+
+def normalise(pixels: np.ndarray, spec: Normalisation) -> np.ndarray:
+    """Model input from rescaled pixel values (N, H, W[, C]); per image where statistics are needed."""
+    x = pixels.astype(np.float32, copy=False)
+    axes = tuple(range(1, x.ndim))
+    if spec.method == "window":
+        low = spec.center - spec.width / 2
+        return np.clip((x - low) / spec.width, 0.0, 1.0)
+    if spec.method == "zscore":
+        mean = x.mean(axis=axes, keepdims=True)
+        std = x.std(axis=axes, keepdims=True)
+        return (x - mean) / np.maximum(std, 1e-6)
+    if spec.method == "minmax":
+        low, high = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
+        return (x - low) / np.maximum(high - low, 1e-6)
+    return x * spec.factor + spec.offset
+
+
+def to_layout(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(N, H, W) or (N, H, W, C) float32 images to the model's input tensor."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] != spec.channels:
+        images = np.repeat(images, spec.channels, axis=-1) if images.shape[-1] == 1 else images
+    if spec.layout == "NCHW":
+        images = images.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images, dtype=np.float32)
 
 
 def model_input(series: Series, spec: InputSpec) -> np.ndarray:

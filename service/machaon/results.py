@@ -24,7 +24,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from . import __version__
 from .manifest import Code, Manifest, Segment
-from .preprocess import Frame, Series, require_geometry
+from .preprocess import Frame, Series, labels_on_source_grid, require_geometry
 
 MANUFACTURER = "machaon"
 NOT_CLINICAL = "AI result, not for clinical use"
@@ -39,6 +39,34 @@ PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex
                      "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 # How highdicom reads values of these VRs from a source; text that is no such value makes it fail.
 READERS = {"DA": DA, "TM": TM, "DT": DT, "DS": float, "IS": int}
+
+
+Result = tuple[str, Dataset]  # (kind: "seg", "sr", ..., the object)
+
+
+class ResultError(Exception):
+    """A model whose output machaon cannot write as DICOM; the message says why."""
+
+
+def results_for(series: Series, outputs: np.ndarray, manifest: Manifest) -> list[Result]:
+    """The (kind, object) pairs one model's output on one series becomes, by the model's task."""
+    write = RESULTS_BY_TASK.get(manifest.task)
+    if write is None:
+        raise ResultError(f"model {manifest.name}: results of {manifest.task} models are not written yet")
+    return write(series, outputs, manifest)
+
+
+def _segmentation_results(series: Series, outputs: np.ndarray, manifest: Manifest) -> list[Result]:
+    """A SEG of the labels on the source grid, and an SR of what they measure."""
+    rows, columns = series.pixels.shape[1:3]
+    labels = labels_on_source_grid(outputs, manifest.output.layout, rows, columns)
+    seg = segmentation(series, labels, manifest)
+    return [("seg", seg), ("sr", segmentation_report(series, labels, seg, manifest))]
+
+
+def _classification_results(series: Series, outputs: np.ndarray, manifest: Manifest) -> list[Result]:
+    """An SR of the findings' probabilities."""
+    return [("sr", classification_report(series, outputs, manifest))]
 
 
 def result_uid(series: Series, manifest: Manifest, kind: str) -> str:
@@ -277,3 +305,7 @@ def _report(series: Series, manifest: Manifest, groups: list,
         instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         series_description=_description(manifest, "SR"), software_versions=_software(manifest),
         manufacturer_model_name=manifest.name)
+
+
+# One function per task; a new kind of result is one more entry.
+RESULTS_BY_TASK = {"segmentation": _segmentation_results, "classification": _classification_results}

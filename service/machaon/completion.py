@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from .config import CompletionSettings
-from .store import COMPLETE, RECEIVING, Instance, Series, Store, Study, add_event, utcnow
+from .store import Instance, Series, Store, Study, StudyStatus, add_event, utcnow
 
 log = logging.getLogger("machaon.completion")
 
@@ -40,13 +40,13 @@ def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: floa
     now = utcnow()
     quiet_since = now - timedelta(seconds=quiet_s)
     session.execute(
-        update(Series).where(Series.status == RECEIVING, Series.last_received_at <= quiet_since)
-        .values(status=COMPLETE, completed_at=now)
+        update(Series).where(Series.status == StudyStatus.RECEIVING, Series.last_received_at <= quiet_since)
+        .values(status=StudyStatus.COMPLETE, completed_at=now)
     )
     # SKIP LOCKED: a study whose row an ingest holds is not quiet anyway.
     due = session.execute(
         select(Study).where(
-            Study.status == RECEIVING,
+            Study.status == StudyStatus.RECEIVING,
             ((Study.last_received_at <= quiet_since) & Study.study_uid.not_in(in_flight))
             | (Study.opened_at <= now - timedelta(seconds=force_after_s)),
         ).with_for_update(skip_locked=True)
@@ -54,11 +54,12 @@ def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: floa
     done = []
     for study in due:
         forced = study.last_received_at > quiet_since or study.study_uid in in_flight
-        study.status, study.completed_at = COMPLETE, now
+        study.status, study.completed_at = StudyStatus.COMPLETE, now
         study.completion_count += 1
         if forced:
-            session.execute(update(Series).where(Series.study_id == study.id, Series.status == RECEIVING)
-                            .values(status=COMPLETE, completed_at=now))
+            session.execute(update(Series)
+                            .where(Series.study_id == study.id, Series.status == StudyStatus.RECEIVING)
+                            .values(status=StudyStatus.COMPLETE, completed_at=now))
         series_count, instance_count = _counts(session, study.id)
         add_event(session, actor, "study.force_completed" if forced else "study.completed",
                   study.study_uid, series=series_count, instances=instance_count,
@@ -83,7 +84,8 @@ def next_due(store: Store, settings: CompletionSettings) -> datetime | None:
     quiet = timedelta(seconds=settings.complete_after)
     with store.read_session() as session:
         last = session.execute(select(func.min(Study.last_received_at)).where(
-            Study.status == RECEIVING, Study.last_received_at > utcnow() - quiet)).scalar_one_or_none()
+            Study.status == StudyStatus.RECEIVING, Study.last_received_at > utcnow() - quiet)
+        ).scalar_one_or_none()
     return last + quiet if last else None
 
 

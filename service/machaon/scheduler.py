@@ -11,9 +11,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from .completion import next_due, run_completion
 from .config import Settings
 from .dispatch import run_dispatch
+from .planner import plan_jobs
 from .spool import Spool
 from .store import Store
-from .worker import Workers, plan_jobs
+from .worker import Workers
 
 # How often unfinished transfers are looked for.
 SWEEP_EVERY_S = 300

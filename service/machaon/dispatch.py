@@ -24,12 +24,10 @@ from sqlalchemy import select
 
 from .config import DicomDestination, DicomWebDestination, DispatchSettings, FolderDestination, Settings
 from .spool import Spool, copy_durably
-from .store import Delivery, Job, Result, Store, Study, add_event, utcnow
+from .store import Delivery, DeliveryStatus, Job, Result, Store, Study, add_event, utcnow
 
 log = logging.getLogger("machaon.dispatch")
 
-SENT = "sent"
-PENDING = "pending"
 PER_ASSOCIATION = 50
 
 
@@ -165,7 +163,8 @@ def run_dispatch(settings: Settings, store: Store, spool: Spool) -> int:
             select(Delivery.id, Delivery.destination, Delivery.attempts, Result.path, Study.study_uid)
             .join(Result, Result.id == Delivery.result_id).join(Job, Job.id == Result.job_id)
             .join(Study, Study.id == Job.study_id)
-            .where(Delivery.status == PENDING, Delivery.next_attempt_at <= now).order_by(Delivery.id)
+            .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
+            .order_by(Delivery.id)
         ).all()
     by_destination = defaultdict(list)
     for row in due:
@@ -232,7 +231,7 @@ def _sending(destination, ready: list, calling_ae: str) -> Iterator[SendError | 
 def _mark_sent(store: Store, row, sop_uid: str) -> None:
     with store.session.begin() as session:
         delivery = session.get(Delivery, row.id, with_for_update=True)
-        delivery.status, delivery.sent_at, delivery.last_error = SENT, utcnow(), None
+        delivery.status, delivery.sent_at, delivery.last_error = DeliveryStatus.SENT, utcnow(), None
         delivery.attempts += 1
         add_event(session, "dispatcher", "result.sent", row.study_uid, destination=row.destination,
                   sop_instance_uid=sop_uid)

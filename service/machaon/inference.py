@@ -2,7 +2,7 @@
 
 onnxruntime-gpu lists the TensorRT and CUDA providers even on a machine where
 they cannot load, and then falls back quietly; so every session logs the
-providers it actually got, and callers can see them on `Model.providers`.
+providers it actually got, and callers can see them on `OrtModel.providers`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import InputSpec, Normalisation, Package, PackageError
+from .manifest import Package, PackageError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _provider_list(options: RuntimeOptions) -> list:
     return providers
 
 
-class Model:
+class OrtModel:
     """One package's ONNX Runtime session and what is needed to feed it."""
 
     def __init__(self, package: Package, precision: str, options: RuntimeOptions):
@@ -101,12 +101,13 @@ class Model:
         ort.set_default_logger_severity(3)  # provider fallbacks are reported below, once, by us
         started = time.perf_counter()
         try:
-            self.session = ort.InferenceSession(str(path), session_options, providers=_provider_list(options))
+            self.ort_session = ort.InferenceSession(str(path), session_options,
+                                                    providers=_provider_list(options))
         except Exception as exc:  # ORT raises its own exception types for a bad file
             raise PackageError(f"model {package.name}: ONNX Runtime cannot load {path}: {exc}") from None
         self.load_seconds = time.perf_counter() - started
-        self.providers = self.session.get_providers()
-        self.input_name = self.session.get_inputs()[0].name
+        self.providers = self.ort_session.get_providers()
+        self.input_name = self.ort_session.get_inputs()[0].name
         wanted = [PROVIDER_NAMES[p] for p in options.providers]
         missing = [p for p in wanted if p not in self.providers]
         reasons = {PROVIDER_NAMES[p]: unusable_reason(p) for p in options.providers}
@@ -120,20 +121,20 @@ class Model:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The model's first output for a batch already in its input layout, as float32."""
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        out = self.ort_session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
         return out.astype(np.float32, copy=False)
 
 
-class Sessions:
+class OrtSessions:
     """The process's sessions: one per (model, precision), created on first use, and again when
     the package was rebuilt meanwhile (the service keeps running across `machaon models build`)."""
 
     def __init__(self, options: RuntimeOptions):
         self.options = options
-        self._models: dict[tuple[str, str], Model] = {}
+        self._models: dict[tuple[str, str], OrtModel] = {}
         self._lock = threading.Lock()
 
-    def get(self, package: Package, precision: str = "fp32") -> Model:
+    def get(self, package: Package, precision: str = "fp32") -> OrtModel:
         key = (package.name, precision)
         with self._lock:  # creating a session takes seconds; two threads must not both do it
             model = self._models.get(key)
@@ -141,33 +142,5 @@ class Sessions:
                 if model is not None:
                     log.info("model %s was rebuilt (version %s, now %s): loading it again", package.name,
                              model.package.manifest.version, package.manifest.version)
-                model = self._models[key] = Model(package, precision, self.options)
+                model = self._models[key] = OrtModel(package, precision, self.options)
             return model
-
-
-def normalise(pixels: np.ndarray, spec: Normalisation) -> np.ndarray:
-    """Model input from rescaled pixel values (N, H, W[, C]); per image where statistics are needed."""
-    x = pixels.astype(np.float32, copy=False)
-    axes = tuple(range(1, x.ndim))
-    if spec.method == "window":
-        low = spec.center - spec.width / 2
-        return np.clip((x - low) / spec.width, 0.0, 1.0)
-    if spec.method == "zscore":
-        mean = x.mean(axis=axes, keepdims=True)
-        std = x.std(axis=axes, keepdims=True)
-        return (x - mean) / np.maximum(std, 1e-6)
-    if spec.method == "minmax":
-        low, high = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
-        return (x - low) / np.maximum(high - low, 1e-6)
-    return x * spec.factor + spec.offset
-
-
-def to_layout(images: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """(N, H, W) or (N, H, W, C) float32 images to the model's input tensor."""
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.shape[-1] != spec.channels:
-        images = np.repeat(images, spec.channels, axis=-1) if images.shape[-1] == 1 else images
-    if spec.layout == "NCHW":
-        images = images.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images, dtype=np.float32)

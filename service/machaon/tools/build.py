@@ -26,9 +26,9 @@ import numpy as np
 import tomli_w
 from rich.console import Console
 
+from ..manifest import MANIFEST, Evaluation, Manifest, Package, read_manifest, sha256_of
+from ..preprocess import normalise, to_layout
 from . import phantom
-from .inference import normalise, to_layout
-from .manifest import MANIFEST, Evaluation, Manifest, Package, read_manifest, sha256_of
 
 EVALUATION_FILE = "evaluation.json"  # written by a model's training script, beside its weights
 PARITY_SAMPLES, CALIBRATION_SAMPLES, EVALUATION_SAMPLES = 8, 32, 16
