@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from .config import CompletionSettings
-from .store import Instance, Series, Store, Study, StudyStatus, add_event, utcnow
+from .store import Instance, SeriesRow, Store, Study, StudyStatus, add_event, utcnow
 
 log = logging.getLogger("machaon.completion")
 
@@ -40,7 +40,8 @@ def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: floa
     now = utcnow()
     quiet_since = now - timedelta(seconds=quiet_s)
     session.execute(
-        update(Series).where(Series.status == StudyStatus.RECEIVING, Series.last_received_at <= quiet_since)
+        update(SeriesRow)
+        .where(SeriesRow.status == StudyStatus.RECEIVING, SeriesRow.last_received_at <= quiet_since)
         .values(status=StudyStatus.COMPLETE, completed_at=now)
     )
     # SKIP LOCKED: a study whose row an ingest holds is not quiet anyway.
@@ -57,8 +58,8 @@ def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: floa
         study.status, study.completed_at = StudyStatus.COMPLETE, now
         study.completion_count += 1
         if forced:
-            session.execute(update(Series)
-                            .where(Series.study_id == study.id, Series.status == StudyStatus.RECEIVING)
+            session.execute(update(SeriesRow)
+                            .where(SeriesRow.study_id == study.id, SeriesRow.status == StudyStatus.RECEIVING)
                             .values(status=StudyStatus.COMPLETE, completed_at=now))
         series_count, instance_count = _counts(session, study.id)
         add_event(session, actor, "study.force_completed" if forced else "study.completed",
@@ -71,9 +72,9 @@ def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: floa
 
 def _counts(session: Session, study_id: int) -> tuple[int, int]:
     row = session.execute(
-        select(func.count(func.distinct(Series.id)), func.count(Instance.id))
-        .select_from(Series).outerjoin(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study_id)
+        select(func.count(func.distinct(SeriesRow.id)), func.count(Instance.id))
+        .select_from(SeriesRow).outerjoin(Instance, Instance.series_id == SeriesRow.id)
+        .where(SeriesRow.study_id == study_id)
     ).one()
     return row[0], row[1]
 

@@ -3,7 +3,7 @@
 A package is a folder with `model.onnx` (plus optional `model.fp16.onnx`,
 `model.int8.onnx`) and `manifest.toml`. The manifest says which images the model
 accepts and how to prepare them, what its outputs mean as coded concepts, and
-where it came from. Adding a model never changes service code (DESIGN rule 4).
+where it came from. Adding a model never changes service code: models are data.
 A model that measures a series as one stack (a volume) says so in an optional
 [input.stack] table, and gets only whole stacks (see StackSpec); packages built
 before that table existed still load, and take series as they come.

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from .rules import Rule, SeriesFacts, matching, read_headers
 from .spool import Spool
-from .store import Job, JobStatus, Series, Store, Study, StudyStatus, add_event, utcnow
+from .store import Job, JobStatus, SeriesRow, Store, Study, StudyStatus, add_event, utcnow
 
 log = logging.getLogger("machaon.planner")
 
@@ -45,8 +45,8 @@ def _plan_study(store: Store, spool: Spool, rules: list[Rule], study_id: int, st
     """Queue the jobs of one study completion; returns how many."""
     with store.read_session() as session:  # headers are read outside the write transaction
         facts, problems = series_in_store(session, spool, study_uid) or ([], [])
-        ids = dict(session.execute(select(Series.series_uid, Series.id)
-                                   .where(Series.study_id == study_id)).all())
+        ids = dict(session.execute(select(SeriesRow.series_uid, SeriesRow.id)
+                                   .where(SeriesRow.study_id == study_id)).all())
     planned = [(ids[f.series_uid], rule, model) for f in facts if f.series_uid in ids
                for rule in matching(rules, f) for model in rule.models]
     problem = "; ".join(problems) or None
@@ -107,7 +107,7 @@ def series_in_store(session, spool, study_uid: str) -> tuple[list[SeriesFacts], 
     if study is None:
         return None
     found, problems = [], []
-    for series in session.execute(select(Series).where(Series.study_id == study.id)).scalars():
+    for series in session.execute(select(SeriesRow).where(SeriesRow.study_id == study.id)).scalars():
         headers = []
         for instance in series.instances:
             try:

@@ -4,7 +4,7 @@ Frames are ordered by their position along the slice normal (Image Position and
 Orientation), never by file name or Instance Number. Pixels are decoded once
 (compressed transfer syntaxes through the pylibjpeg plugins), rescaled to
 modality values, MONOCHROME1 inverted, and stacked into one float32 array; every
-later step is a whole-array numpy or scipy operation (DESIGN rule 6).
+later step is a whole-array numpy or scipy operation, with no Python loop over pixels.
 Anything that cannot be prepared raises PrepareError with a reason an operator
 can act on; the job fails with it and other studies carry on.
 

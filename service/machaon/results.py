@@ -4,7 +4,7 @@ Each result goes into the source study as a new series. Its UIDs are derived
 from what produced it: the source series, the exact instances, the model's
 name and version, and the kind of result. A retry therefore re-creates the same
 objects, and the PACS keeps one copy of each; new images or a new model version
-give new UIDs (DESIGN rule 3).
+give new UIDs: results are idempotent.
 
 Every object names machaon and the model (Manufacturer, Software Versions,
 Algorithm Identification) and says it is an AI result, not for clinical use.
@@ -23,11 +23,11 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM
 
 from . import __version__
-from .manifest import Code, Manifest, Segment
+from .manifest import NOT_CLINICAL, Code, Manifest, Segment
 from .preprocess import Frame, Series, labels_on_source_grid, require_geometry
 
 MANUFACTURER = "machaon"
-NOT_CLINICAL = "AI result, not for clinical use"
+AI_RESULT = f"AI result, {NOT_CLINICAL}"
 SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9801, 9802  # out of the way of scanner-assigned numbers
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 PROBABILITY = hd.sr.CodedConcept("PROB", "99MACHAON", "Model output probability")
@@ -111,7 +111,7 @@ def _software(manifest: Manifest) -> list[str]:
 
 
 def _description(manifest: Manifest, kind: str) -> str:
-    return f"{manifest.name} {kind} ({NOT_CLINICAL})"[:64]
+    return f"{manifest.name} {kind} ({AI_RESULT})"[:64]
 
 
 def segmentation(series: Series, labels: np.ndarray, manifest: Manifest) -> hd.seg.Segmentation:
@@ -136,7 +136,7 @@ def segmentation(series: Series, labels: np.ndarray, manifest: Manifest) -> hd.s
         series_number=SEG_SERIES_NUMBER, sop_instance_uid=result_uid(series, manifest, "seg"),
         instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=manifest.name,
         software_versions=_software(manifest), device_serial_number="0", omit_empty_frames=False,
-        content_label="MACHAON_AI", content_description=NOT_CLINICAL,
+        content_label="MACHAON_AI", content_description=AI_RESULT,
         series_description=_description(manifest, "SEG"))
     if "FrameOfReferenceUID" not in seg:  # of a projection image: Patient Orientation is Type 2C then,
         seg.PatientOrientation = sources[0].get("PatientOrientation", "")  # and highdicom leaves it out

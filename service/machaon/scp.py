@@ -1,7 +1,7 @@
 """The DICOM listener: C-ECHO and C-STORE for every storage SOP class.
 
 A C-STORE gets a success status only after its file is whole on disk under its
-final name and its row is committed (DESIGN rule 1). pynetdicom streams each
+final name and its row is committed: never acknowledge what cannot be kept. pynetdicom streams each
 dataset into a file under the spool's incoming/ folder as its PDUs arrive, so a
 large object never sits whole in memory, and the bytes are kept as received.
 

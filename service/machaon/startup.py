@@ -17,7 +17,7 @@ from .config import Settings, TlsError
 from .manifest import PackageError, load_package
 from .scp import Refused, StorageSCP
 from .spool import Spool, SpoolError, valid_uid
-from .store import Instance, SchemaError, Series, Store, Study, add_event, check_schema
+from .store import Instance, SchemaError, SeriesRow, Store, Study, add_event, check_schema
 
 log = logging.getLogger("machaon.startup")
 
@@ -94,7 +94,7 @@ def reconcile_spool(store: Store, spool: Spool, index, started: float) -> None:
     try:
         for study_uid, files in spool.study_files():
             with store.read_session() as session:
-                known = set(session.execute(select(Instance.path).join(Series).join(Study)
+                known = set(session.execute(select(Instance.path).join(SeriesRow).join(Study)
                                             .where(Study.study_uid == study_uid)).scalars())
             for relative in files:
                 if relative not in known:

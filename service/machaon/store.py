@@ -107,10 +107,10 @@ class Study(Base):
     planned_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Why the latest planning could not read or plan all of the study (None when it could).
     planning_error: Mapped[str | None] = mapped_column(Text)
-    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+    series: Mapped[list[SeriesRow]] = relationship(back_populates="study", order_by="SeriesRow.id")
 
 
-class Series(Base):
+class SeriesRow(Base):
     __tablename__ = "series"
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
@@ -368,12 +368,12 @@ def _ingest_statements(dialect: str) -> SimpleNamespace:
         ).returning(Study.id, Study.status, Study.completion_count),
         reopen_study=update(Study).where(Study.id == bindparam("study_id")).values(
             status=StudyStatus.RECEIVING, opened_at=bindparam("now"), completed_at=None),
-        new_series=_insert(dialect, Series).on_conflict_do_nothing(index_elements=["series_uid"]),
-        touch_series=update(Series).where(Series.series_uid == bindparam("uid")).values(
+        new_series=_insert(dialect, SeriesRow).on_conflict_do_nothing(index_elements=["series_uid"]),
+        touch_series=update(SeriesRow).where(SeriesRow.series_uid == bindparam("uid")).values(
             status=StudyStatus.RECEIVING, completed_at=None, last_received_at=bindparam("now"),
-            **{c.key: keep(c) for c in (Series.modality, Series.series_number,
-                                        Series.series_description)},
-        ).returning(Series.id, Series.study_id),
+            **{c.key: keep(c) for c in (SeriesRow.modality, SeriesRow.series_number,
+                                        SeriesRow.series_description)},
+        ).returning(SeriesRow.id, SeriesRow.study_id),
         instance_path=select(Instance.path).where(Instance.sop_instance_uid == bindparam("uid")),
         upsert_instance=_upsert_instance(dialect),
     )
@@ -463,10 +463,10 @@ def _study_dict(study: Study, series_count: int, instance_count: int) -> dict:
 def list_studies(session: Session, status: str | None = None, limit: int | None = None) -> list[dict]:
     """Studies, most recently received first, with their series and instance counts."""
     counts = (
-        select(Series.study_id, func.count(func.distinct(Series.id)).label("n_series"),
+        select(SeriesRow.study_id, func.count(func.distinct(SeriesRow.id)).label("n_series"),
                func.count(Instance.id).label("n_instances"))
-        .outerjoin(Instance, Instance.series_id == Series.id)
-        .group_by(Series.study_id).subquery()
+        .outerjoin(Instance, Instance.series_id == SeriesRow.id)
+        .group_by(SeriesRow.study_id).subquery()
     )
     query = (
         select(Study, func.coalesce(counts.c.n_series, 0), func.coalesce(counts.c.n_instances, 0))
@@ -481,7 +481,8 @@ def list_studies(session: Session, status: str | None = None, limit: int | None 
 
 
 def _jobs(session: Session, study_id: int) -> list[dict]:
-    jobs = session.execute(select(Job, Series.series_uid).outerjoin(Series, Series.id == Job.series_id)
+    jobs = session.execute(select(Job, SeriesRow.series_uid)
+                           .outerjoin(SeriesRow, SeriesRow.id == Job.series_id)
                            .where(Job.study_id == study_id).order_by(Job.id)).all()
     return [{
         "id": job.id, "model": job.model, "rule": job.rule, "series_uid": series_uid,

@@ -27,8 +27,18 @@ from .manifest import PackageError, load_package
 from .preprocess import PrepareError, model_input, read_series
 from .results import ResultError, results_for
 from .spool import Spool
-from .store import Delivery, DeliveryStatus, Job, JobStatus, Result, Store, Study, add_event, utcnow
-from .store import Series as SeriesRow
+from .store import (
+    Delivery,
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    Result,
+    SeriesRow,
+    Store,
+    Study,
+    add_event,
+    utcnow,
+)
 
 log = logging.getLogger("machaon.worker")
 
