@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import tomli_w
+from machaon.store import DeliveryStatus, JobStatus
 
 MACHAON = str(Path(sys.executable).with_name("machaon"))
 REPO = Path(__file__).resolve().parents[1]
@@ -214,3 +215,39 @@ def make_certificates(folder: Path) -> Path:
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
                 "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
     return folder
+
+
+# One rule: the LV segmenter for short-axis MR series, its results to {destination}.
+RULES = '''
+[[rules]]
+name = "lv"
+models = ["lv-segmentation"]
+destinations = ["{destination}"]
+match = {{ modality = ["MR"], series_description = "sax", min_slices = 3 }}
+'''
+
+
+def folder_setup(tmp_path) -> str:
+    """The LV rule with a folder destination, tmp_path/out."""
+    return RULES.format(destination="out") + f'[destinations.out]\ntype = "folder"\npath = "{tmp_path / "out"}"\n'
+
+
+def jobs_of(server, study_uid: str) -> list[dict]:
+    study = server.study(study_uid)
+    return study["jobs"] if study else []
+
+
+def finished(server, study_uid: str, count: int = 1):
+    def check():
+        jobs = jobs_of(server, study_uid)
+        done = [j for j in jobs if JobStatus(j["status"]).finished]
+        return done if len(done) >= count else None
+    return server.wait_for(check, timeout=60, what=f"{count} finished job(s) for {study_uid}")
+
+
+def delivered(server, study_uid: str):
+    def check():
+        results = [r for j in jobs_of(server, study_uid) for r in j["results"]]
+        ok = results and all(d["status"] == DeliveryStatus.SENT for r in results for d in r["deliveries"])
+        return results if ok else None
+    return server.wait_for(check, timeout=60, what=f"results of {study_uid} delivered")

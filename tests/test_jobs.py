@@ -21,40 +21,20 @@ from machaon.tools import phantom
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
 
-from tests.harness import MACHAON, Orthanc, acknowledged, free_port, make_certificates, run_machaon, storescu
-
-RULES = '''
-[[rules]]
-name = "lv"
-models = ["lv-segmentation"]
-destinations = ["{destination}"]
-match = {{ modality = ["MR"], series_description = "sax", min_slices = 3 }}
-'''
-
-
-def folder_setup(tmp_path) -> str:
-    return RULES.format(destination="out") + f'[destinations.out]\ntype = "folder"\npath = "{tmp_path / "out"}"\n'
-
-
-def jobs_of(server, study_uid: str) -> list[dict]:
-    study = server.study(study_uid)
-    return study["jobs"] if study else []
-
-
-def finished(server, study_uid: str, count: int = 1):
-    def check():
-        jobs = jobs_of(server, study_uid)
-        done = [j for j in jobs if j["status"] in ("succeeded", "failed")]
-        return done if len(done) >= count else None
-    return server.wait_for(check, timeout=60, what=f"{count} finished job(s) for {study_uid}")
-
-
-def delivered(server, study_uid: str):
-    def check():
-        results = [r for j in jobs_of(server, study_uid) for r in j["results"]]
-        ok = results and all(d["status"] == "sent" for r in results for d in r["deliveries"])
-        return results if ok else None
-    return server.wait_for(check, timeout=60, what=f"results of {study_uid} delivered")
+from tests.harness import (
+    MACHAON,
+    RULES,
+    Orthanc,
+    acknowledged,
+    delivered,
+    finished,
+    folder_setup,
+    free_port,
+    jobs_of,
+    make_certificates,
+    run_machaon,
+    storescu,
+)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

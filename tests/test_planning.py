@@ -12,8 +12,7 @@ import pydicom
 from machaon.tools import phantom
 
 from tests.dicomgen import with_raw_values
-from tests.harness import MACHAON, acknowledged, run_machaon, storescu
-from tests.test_jobs import finished, folder_setup, jobs_of
+from tests.harness import MACHAON, acknowledged, finished, folder_setup, jobs_of, run_machaon, storescu
 
 
 def test_a_study_that_cannot_be_read_fails_its_planning_and_the_next_study_is_planned(serve, built_models,

@@ -1,7 +1,7 @@
 """Train the demo lv-segmentation U-Net on phantom short-axis slices.
 
 Run by `machaon models train lv-segmentation` in the Keras build environment,
-which passes phantom data it generated (see service/phantom.py):
+which passes phantom data it generated (see service/machaon/tools/phantom.py):
 
     train.py TRAIN.npz HOLDOUT.npz OUT.h5 EVALUATION.json
 

@@ -68,9 +68,9 @@ def unusable_reason(short: str) -> str | None:
     return reason
 
 
-def _provider_list(options: RuntimeOptions) -> list:
+def _provider_list(options: RuntimeOptions) -> list[str | tuple[str, dict[str, object]]]:
     """ONNX Runtime's providers for `options`: those that can load here; TensorRT with its engine cache."""
-    providers = []
+    providers: list[str | tuple[str, dict[str, object]]] = []
     for short in options.providers:
         if unusable_reason(short):
             continue

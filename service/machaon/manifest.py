@@ -239,6 +239,9 @@ class Manifest(_Strict):
 
     def sha256_for(self, precision: str) -> str:
         if precision == "fp32":
+            if self.provenance is None:
+                raise PackageError(f"model {self.name} has no [provenance]: it is a source manifest, "
+                                   "not a built package")
             return self.provenance.sha256
         return next(v.sha256 for v in self.variants if v.precision == precision)
 

@@ -238,6 +238,7 @@ def _where(frames: list[Frame]) -> str:
     def one(frame: Frame) -> str:
         if frame.along is not None:
             return f"{frame.along:.1f} mm along the slice normal"
+        assert frame.position is not None  # copies are found by position: each has one
         return "(" + ", ".join(f"{v:.1f}" for v in frame.position) + ") mm"
     if len(frames) == 1:
         return f"at {one(frames[0])}"
@@ -246,14 +247,17 @@ def _where(frames: list[Frame]) -> str:
 
 def _order(frames: list[Frame]) -> list[Frame]:
     """Frames sorted along the slice normal; projection images keep their order."""
-    if any(f.orientation is None or f.position is None for f in frames):
+    orientations = [f.orientation for f in frames if f.orientation is not None]
+    positions = [f.position for f in frames if f.position is not None]
+    if len(orientations) < len(frames) or len(positions) < len(frames):
         return frames
-    first = frames[0].orientation
-    if any(np.abs(f.orientation - first).max() > ORIENTATION_TOLERANCE for f in frames):
+    first = orientations[0]
+    if any(np.abs(orientation - first).max() > ORIENTATION_TOLERANCE for orientation in orientations):
         raise PrepareError("the series mixes image orientations: a model takes one stack at a time; "
                            "send each orientation as its own series")
     normal = np.cross(first[:3], first[3:])
-    return sorted(frames, key=lambda f: float(f.position @ normal))
+    along = [float(position @ normal) for position in positions]
+    return [frame for _, frame in sorted(zip(along, frames, strict=True), key=lambda pair: pair[0])]
 
 
 def _decode(ds: Dataset) -> np.ndarray:
@@ -292,8 +296,8 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
 def _slice_spacing(frames: list[Frame]) -> float | None:
     """The usual step between slices; None where the frames are no single stack (no geometry, or
     several images at one position)."""
-    along = [f.along for f in frames]
-    if len(frames) < 2 or None in along:
+    along = [f.along for f in frames if f.along is not None]
+    if len(frames) < 2 or len(along) < len(frames):
         return None
     steps = np.diff(along)
     if np.abs(steps).min() < 10 ** -POSITION_DECIMALS:
@@ -355,12 +359,12 @@ def check_complete(series: Series, spec: InputSpec) -> None:
     along = np.array([f.along for f in series.frames])
     short = _expected_images(series)
     try:
-        reasons = [_gaps(along, spec.stack), short]
+        found = [_gaps(along, spec.stack), short]
     except PrepareError:
         if not short:
             raise
-        reasons = [short]  # with images still announced, uneven or wide spacing may be those images
-    reasons = [r for r in reasons if r]
+        found = [short]  # with images still announced, uneven or wide spacing may be those images
+    reasons = [r for r in found if r]
     slices = f"{len(along)} slice{'s' if len(along) > 1 else ''}"
     too_few = len(along) < spec.stack.min_slices
     if too_few and not reasons:  # whole as far as anyone can tell: more will not come by themselves
@@ -445,8 +449,10 @@ def normalise(pixels: np.ndarray, spec: Normalisation) -> np.ndarray:
     x = pixels.astype(np.float32, copy=False)
     axes = tuple(range(1, x.ndim))
     if spec.method == "window":
-        low = spec.center - spec.width / 2
-        return np.clip((x - low) / spec.width, 0.0, 1.0)
+        center, width = spec.center, spec.width
+        assert center is not None and width is not None  # Normalisation's validator requires them
+        low = center - width / 2
+        return np.clip((x - low) / width, 0.0, 1.0)
     if spec.method == "zscore":
         mean = x.mean(axis=axes, keepdims=True)
         std = x.std(axis=axes, keepdims=True)
@@ -454,6 +460,7 @@ def normalise(pixels: np.ndarray, spec: Normalisation) -> np.ndarray:
     if spec.method == "minmax":
         low, high = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
         return (x - low) / np.maximum(high - low, 1e-6)
+    assert spec.factor is not None  # Normalisation's validator requires it for "scale"
     return x * spec.factor + spec.offset
 
 

@@ -59,7 +59,9 @@ def results_for(series: Series, outputs: np.ndarray, manifest: Manifest) -> list
 def _segmentation_results(series: Series, outputs: np.ndarray, manifest: Manifest) -> list[Result]:
     """A SEG of the labels on the source grid, and an SR of what they measure."""
     rows, columns = series.pixels.shape[1:3]
-    labels = labels_on_source_grid(outputs, manifest.output.layout, rows, columns)
+    layout = manifest.output.layout
+    assert layout is not None  # Manifest's validator requires it of a segmentation model
+    labels = labels_on_source_grid(outputs, layout, rows, columns)
     seg = segmentation(series, labels, manifest)
     return [("seg", seg), ("sr", segmentation_report(series, labels, seg, manifest))]
 
@@ -135,7 +137,9 @@ def segmentation(series: Series, labels: np.ndarray, manifest: Manifest) -> hd.s
         segment_descriptions=descriptions, series_instance_uid=result_uid(series, manifest, "seg-series"),
         series_number=SEG_SERIES_NUMBER, sop_instance_uid=result_uid(series, manifest, "seg"),
         instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=manifest.name,
-        software_versions=_software(manifest), device_serial_number="0", omit_empty_frames=False,
+        # highdicom annotates software_versions as str | tuple[str] (one element) but takes any sequence.
+        software_versions=_software(manifest),  # type: ignore[arg-type]
+        device_serial_number="0", omit_empty_frames=False,
         content_label="MACHAON_AI", content_description=AI_RESULT,
         series_description=_description(manifest, "SEG"))
     if "FrameOfReferenceUID" not in seg:  # of a projection image: Patient Orientation is Type 2C then,
@@ -160,7 +164,7 @@ def _in_source_order(series: Series, masks: np.ndarray) -> tuple[list[Dataset], 
     if len(datasets) == 1:
         ordered = np.zeros_like(masks)
         for i, frame in enumerate(series.frames):
-            ordered[frame.number - 1] = masks[i]
+            ordered[(frame.number or 1) - 1] = masks[i]
         return datasets, ordered
     raise ValueError("a series of several multi-frame instances cannot be segmented as one stack")
 

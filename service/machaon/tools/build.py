@@ -26,7 +26,7 @@ import numpy as np
 import tomli_w
 from rich.console import Console
 
-from ..manifest import MANIFEST, Evaluation, Manifest, Package, read_manifest, sha256_of
+from ..manifest import MANIFEST, Evaluation, Manifest, Package, Source, read_manifest, sha256_of
 from ..preprocess import normalise, to_layout
 from . import phantom
 
@@ -95,24 +95,32 @@ class Environments:
             raise BuildError(f"{what} failed ({script.name} exited {done.returncode}):\n{tail}")
 
 
+def _source_of(manifest: Manifest) -> Source:
+    """The manifest's [source]; only source manifests (models/<name>/) have one."""
+    if manifest.source is None:
+        raise BuildError(f"{manifest.name}: the manifest has no [source]: say how to build the model")
+    return manifest.source
+
+
 def training_data(manifest: Manifest, studies: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Phantom images prepared as model input, with their labels (label maps, or view indices)."""
     rows, columns = manifest.input.size[-2:]
     if rows != columns:
         raise BuildError(f"{manifest.name}: phantom images are square; input.size is {rows}x{columns}")
-    if manifest.source.data == "phantom-sax":
+    data = _source_of(manifest).data
+    if data == "phantom-sax":
         images, labels = phantom.sax_dataset(studies, seed, matrix=rows)
-    elif manifest.source.data == "phantom-views":
+    elif data == "phantom-views":
         images, labels = phantom.view_dataset(studies, seed, matrix=rows)
     else:
-        raise BuildError(f"{manifest.name}: source.data is {manifest.source.data!r}: "
+        raise BuildError(f"{manifest.name}: source.data is {data!r}: "
                          "there is nothing to train on")
     return to_layout(normalise(images, manifest.input.normalisation), manifest.input), labels
 
 
 def sample_inputs(manifest: Manifest, count: int, seed: int) -> np.ndarray:
     """Model inputs for parity, calibration and evaluation, prepared as the manifest says."""
-    data = manifest.source.data
+    data = _source_of(manifest).data
     if data == "random":
         rows, columns = manifest.input.size[-2:]
         shape = (count, rows, columns) + ((3,) if manifest.input.channels == 3 else ())
@@ -197,6 +205,7 @@ class Builder:
         manifest = read_manifest(folder / MANIFEST)
         if manifest.source is None or not manifest.source.train:
             raise BuildError(f"{folder / MANIFEST} names no source.train script")
+        assert manifest.source.file  # Source's validator requires it
         with tempfile.TemporaryDirectory(prefix="machaon-train-") as tmp:
             work = Path(tmp)
             with self.console.status(f"generating phantoms: {studies} for training, {holdout} held out"):
@@ -211,7 +220,8 @@ class Builder:
 
     def _source_model(self, folder: Path, manifest: Manifest, work: Path) -> Path:
         """The committed source model, or the one its recipe makes (random-weight models)."""
-        source = manifest.source
+        source = _source_of(manifest)
+        assert source.file  # Source's validator requires it
         if source.recipe:
             made = work / source.file
             rows, columns = manifest.input.size[-2:]
@@ -225,7 +235,7 @@ class Builder:
         return path
 
     def _convert(self, manifest: Manifest, source_file: Path, work: Path) -> dict:
-        source = manifest.source
+        source = _source_of(manifest)
         x = sample_inputs(manifest, PARITY_SAMPLES, seed=1)
         np.savez(work / "inputs.npz", x=x)
         script = converters_dir() / f"{source.framework}_to_onnx.py"

@@ -298,12 +298,12 @@ class _StudyHeader:
               sop_uid: str, number: int, position: np.ndarray, row: np.ndarray, column: np.ndarray):
         """One MR Image Storage instance with the modules its IOD requires."""
         from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
+        from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds.SpecificCharacterSet = "ISO_IR 100"

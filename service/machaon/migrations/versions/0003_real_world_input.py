@@ -26,6 +26,7 @@ def upgrade() -> None:
     if bind.dialect.name == 'postgresql':
         [name] = [c['name'] for c in sa.inspect(bind).get_unique_constraints('results')
                   if c['column_names'] == ['sop_instance_uid']]
+        assert name is not None  # PostgreSQL names every constraint
         op.drop_constraint(name, 'results', type_='unique')
     else:
         with op.batch_alter_table('results', naming_convention=_NAMING) as batch_op:
