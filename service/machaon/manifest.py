@@ -312,7 +312,10 @@ class Package:
 def find_packages(directory: Path) -> tuple[list[Package], list[str]]:
     """Every package under `directory`, and one error line for each folder that is not a usable one."""
     packages, errors = [], []
-    for folder in sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []:
+    # A build writes into a hidden folder (.NAME-...) and renames it into place when it is whole.
+    folders = sorted(p for p in directory.iterdir()
+                     if p.is_dir() and not p.name.startswith(".")) if directory.is_dir() else []
+    for folder in folders:
         try:
             packages.append(Package(folder))
         except PackageError as exc:
@@ -323,7 +326,8 @@ def find_packages(directory: Path) -> tuple[list[Package], list[str]]:
 def load_package(directory: Path, name: str) -> Package:
     folder = directory / name
     if not folder.is_dir():
-        known = sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+        known = sorted(p.name for p in directory.iterdir()
+                       if p.is_dir() and not p.name.startswith(".")) if directory.is_dir() else []
         raise PackageError(f"no model package {name!r} in {directory}"
                            + (f" (there are: {', '.join(known)})" if known else
                               "; build one with `machaon models build`"))

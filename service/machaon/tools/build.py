@@ -42,6 +42,16 @@ def converters_dir() -> Path:
     return Path(str(resources.files("machaon.converters")))
 
 
+def _source_sha256(source_file: Path) -> str:
+    """The source model's sha256: of its file, or for an MXNet prefix, of its symbol and its
+    weights together (retraining changes only the weights)."""
+    if source_file.is_file():
+        return sha256_of(source_file)
+    parts = [source_file.with_name(f"{source_file.name}-symbol.json"),
+             *sorted(source_file.parent.glob(f"{source_file.name}-*.params"))]
+    return hashlib.sha256("".join(sha256_of(p) for p in parts).encode()).hexdigest()
+
+
 class Environments:
     """The build's virtual environments, one per framework, under `root`."""
 
@@ -254,8 +264,7 @@ class Builder:
                              f"source.parity_tolerance {source.parity_tolerance:g}")
         self.console.print(f"  parity: max |source - onnx| = {diff:.3g} "
                            f"(tolerance {source.parity_tolerance:g}) on {len(x)} inputs")
-        source_hash = sha256_of(source_file if source_file.is_file() else
-                                source_file.with_name(f"{source_file.name}-symbol.json"))
+        source_hash = _source_sha256(source_file)
         return {"provenance": info | {
             "parity_max_abs_diff": diff, "parity_tolerance": source.parity_tolerance,
             "sha256": sha256_of(work / "model.onnx"),
