@@ -16,8 +16,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -26,6 +24,9 @@ from pydantic import (
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRBigEndian
 
 from .rules import Rule
+from .senders import Destination
+from .senders.base import Table
+from .senders.dicom import AETitle
 
 ENV_PREFIX = "MACHAON_"
 # Variables with the prefix that are not settings.
@@ -34,19 +35,6 @@ ENV_NOT_SETTINGS = {"MACHAON_CONFIG"}
 
 class ConfigError(Exception):
     """A configuration mistake that stops start-up; the message says what to fix."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-def _check_ae_title(value: str) -> str:
-    if not 1 <= len(value.strip()) <= 16 or "\\" in value or not value.isascii():
-        raise ValueError("an AE title is 1 to 16 ASCII characters, without backslash")
-    return value.strip()
-
-
-AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
 # The transfer syntaxes the listener accepts: every one pydicom knows, each kept as received
@@ -66,14 +54,14 @@ def _check_transfer_syntax(value: str) -> str:
 TransferSyntax = Annotated[str, AfterValidator(_check_transfer_syntax)]
 
 
-class SenderSettings(_Section):
+class SenderSettings(Table):
     """What machaon prefers from one sender (by calling AE title), where the sender's own order of
     preference is not to be trusted: it proposes a syntax it cannot always deliver."""
 
     transfer_syntaxes: list[TransferSyntax] = Field(min_length=1)  # machaon's order, as UIDs
 
 
-class DicomSettings(_Section):
+class DicomSettings(Table):
     ae_title: AETitle = "MACHAON"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
@@ -85,12 +73,12 @@ class DicomSettings(_Section):
     senders: dict[AETitle, SenderSettings] = {}  # [dicom.senders.<calling AE title>]
 
 
-class SpoolSettings(_Section):
+class SpoolSettings(Table):
     path: Path = Path("var/spool")
     min_free_mb: int = Field(1024, ge=0)
 
 
-class DatabaseSettings(_Section):
+class DatabaseSettings(Table):
     url: str = "sqlite:///var/machaon.db"
 
     @field_validator("url")
@@ -103,17 +91,17 @@ class DatabaseSettings(_Section):
         return value
 
 
-class CompletionSettings(_Section):
+class CompletionSettings(Table):
     complete_after: float = Field(5, gt=0)
     force_complete_after: float = Field(3600, gt=0)
     check_every: float = Field(1, gt=0)
 
 
-class ModelSettings(_Section):
+class ModelSettings(Table):
     path: Path = Path("build/models")  # built packages; `machaon models build` writes here
 
 
-class InferenceSettings(_Section):
+class InferenceSettings(Table):
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(["tensorrt", "cuda", "cpu"], min_length=1)
     intra_op_threads: int = Field(0, ge=0)
     inter_op_threads: int = Field(0, ge=0)
@@ -133,93 +121,7 @@ class InferenceSettings(_Section):
                               self.tensorrt_cache)
 
 
-class TlsError(ValueError):
-    """A TLS file that cannot be used; `key` is its key within the tls table."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"{key}: {problem}")
-        self.key, self.problem = key, problem
-
-
-class TlsSettings(_Section):
-    """TLS to a destination: the CA certificates (PEM) that vouch for it, and our own certificate
-    and key for a peer that asks for one (DICOM TLS usually does). Loaded at start-up."""
-
-    ca_certificates: Path
-    certificate: Path | None = None
-    private_key: Path | None = None
-    check_hostname: bool = True  # the peer's certificate must name the host we connect to
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsSettings:
-        if (self.certificate is None) != (self.private_key is None):
-            raise ValueError("set both certificate and private_key, or neither")
-        return self
-
-    def context(self):
-        """An SSL context for connecting to the peer; TlsError names the file that cannot be used."""
-        import ssl
-
-        try:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_certificates))
-        except (OSError, ssl.SSLError) as exc:
-            raise TlsError("ca_certificates", f"cannot load {self.ca_certificates}: {_why(exc)}") from None
-        context.check_hostname = self.check_hostname
-        if self.certificate:
-            try:
-                # A key protected by a pass phrase would make OpenSSL ask for it on the terminal.
-                context.load_cert_chain(self.certificate, self.private_key, password=_no_pass_phrase)
-            except (OSError, ValueError) as exc:
-                raise TlsError("certificate", f"cannot use {self.certificate} with {self.private_key}: "
-                               f"{_why(exc)}") from None
-        return context
-
-
-def _no_pass_phrase():
-    raise ValueError("the private key is protected by a pass phrase; give machaon a key without one, "
-                     "readable by machaon alone")
-
-
-def _why(exc: Exception) -> str:
-    reason = getattr(exc, "reason", None)
-    if reason == "KEY_VALUES_MISMATCH":
-        return "the private key does not belong to the certificate"
-    return reason or getattr(exc, "strerror", None) or str(exc)
-
-
-class FolderDestination(_Section):
-    """Results written as files: <path>/<study>/<series>/<instance>.dcm."""
-
-    type: Literal["folder"]
-    path: Path
-
-
-class DicomDestination(_Section):
-    """A DICOM node (a PACS) that receives results by C-STORE."""
-
-    type: Literal["dicom"]
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
-    timeout: float = Field(30, gt=0)
-    tls: TlsSettings | None = None  # DICOM TLS (the PACS's TLS port, often 2762)
-
-
-class DicomWebDestination(_Section):
-    """A DICOMweb server (a PACS's /dicom-web root) that receives results by STOW-RS."""
-
-    type: Literal["dicomweb"]
-    url: str = Field(pattern=r"^https?://")
-    username: str | None = None  # HTTP basic authentication, if the server asks for it
-    password: str | None = None
-    timeout: float = Field(30, gt=0)
-
-
-Destination = Annotated[FolderDestination | DicomDestination | DicomWebDestination,
-                        Field(discriminator="type")]
-
-
-class WorkerSettings(_Section):
+class WorkerSettings(Table):
     threads: int = Field(1, ge=0)  # jobs run at once in this process; 0 runs none
     batch_size: int = Field(8, ge=1)  # slices per ONNX Runtime call
     lease: float = Field(300, gt=0)  # seconds a job is ours without renewal
@@ -228,17 +130,17 @@ class WorkerSettings(_Section):
     duplicates: Literal["newest", "fail"] = "newest"
 
 
-class DispatchSettings(_Section):
+class DispatchSettings(Table):
     check_every: float = Field(2, gt=0)
     retry_initial: float = Field(10, gt=0)  # seconds before the first retry; doubles each time
     retry_max: float = Field(600, gt=0)
 
 
-class LogSettings(_Section):
+class LogSettings(Table):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class Settings(_Section):
+class Settings(Table):
     dicom: DicomSettings = DicomSettings()
     spool: SpoolSettings = SpoolSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -246,7 +148,7 @@ class Settings(_Section):
     models: ModelSettings = ModelSettings()
     inference: InferenceSettings = InferenceSettings()
     rules: list[Rule] = []
-    destinations: dict[str, Destination] = {}
+    destinations: dict[str, Destination] = {}  # [destinations.NAME]: a type in senders.TYPES
     worker: WorkerSettings = WorkerSettings()
     dispatch: DispatchSettings = DispatchSettings()
     log: LogSettings = LogSettings()

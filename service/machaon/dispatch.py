@@ -5,247 +5,220 @@ destination acknowledges it, then sent. A failure is recorded on the row and
 retried after a backoff that doubles up to `dispatch.retry_max`; nothing is
 dropped while a PACS is down. Results carry deterministic UIDs, so even a send
 repeated after a crash (acknowledged, not yet recorded) leaves one copy.
+
+Each destination is sent to in a thread of its own, one at a time: a PACS that
+is slow or hangs holds up only its own deliveries, for at most its `timeout`
+per network operation, and the others go on. How a result is sent is its
+destination type's business (senders/); this module decides what is due, in
+what batches, and what to record.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
+import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from datetime import timedelta
-from pathlib import Path
+from functools import partial
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import select
 
-from .config import DicomDestination, DicomWebDestination, DispatchSettings, FolderDestination, Settings
-from .spool import Spool, copy_durably
+from .config import DispatchSettings, Settings
+from .senders import Outgoing, SendError, sender_for
+from .spool import Spool
 from .store import Delivery, DeliveryStatus, Job, Result, Store, Study, add_event, utcnow
 
 log = logging.getLogger("machaon.dispatch")
 
+# A backlog left by an outage goes in pieces: so many results read and sent per association.
 PER_ASSOCIATION = 50
 
 
-class SendError(Exception):
-    """A destination did not take a result; the message says what it answered."""
+class Dispatcher:
+    """The sends in flight: at most one per destination, each in a thread of its own."""
+
+    def __init__(self) -> None:
+        self._starting = threading.Lock()  # one round of starts at a time
+        self._in_flight: dict[str, Future[int]] = {}
+        self._stopping = threading.Event()
+
+    def run(self, settings: Settings, store: Store, spool: Spool, *,
+            wait: bool = False) -> dict[str, Future[int]]:
+        """Start sending the deliveries that are due, in a thread per destination, except at those
+        whose previous send is still running (their turn comes at a later call). Returns the sends
+        started, by destination; each future's result is how many results it sent. With `wait`,
+        returns once they have all finished."""
+        started: dict[str, Future[int]] = {}
+        with self._starting:
+            if self._stopping.is_set():
+                return started
+            # Destinations busy now are left out of this round even if they finish meanwhile: the
+            # rows read below could be the ones they are sending.
+            busy = {name for name, send in self._in_flight.items() if not send.done()}
+            for name, rows in _due(store).items():
+                if name in busy:
+                    log.debug("%s: the previous send is still running; %d result(s) wait for it",
+                              name, len(rows))
+                    continue
+                work = partial(_send_due, settings, store, spool, name, rows, self._stopping)
+                started[name] = self._in_flight[name] = _in_thread(f"dispatch {name}", work)
+        if wait:
+            wait_for(started.values())
+        return started
+
+    def stop(self, timeout: float, hurry: threading.Event | None = None) -> list[str]:
+        """Start no more sends, and wait up to `timeout` seconds (less if `hurry` is set) for those
+        in flight, which send no new batch meanwhile. Returns the destinations still being sent
+        to: their threads are left to end with the process, and what they had sent but not yet
+        recorded is sent again at the next start (the same UIDs: the PACS keeps one copy)."""
+        with self._starting:
+            self._stopping.set()
+            running = {name: send for name, send in self._in_flight.items() if not send.done()}
+        deadline = time.monotonic() + timeout
+        while running and time.monotonic() < deadline and not (hurry and hurry.is_set()):
+            wait_for(running.values(), timeout=min(0.2, max(deadline - time.monotonic(), 0)))
+            running = {name: send for name, send in running.items() if not send.done()}
+        if running:
+            log.warning("still sending to %s: not waited for; what was not recorded as sent is sent again "
+                        "at the next start", ", ".join(sorted(running)))
+        return sorted(running)
 
 
-def send_to_folder(destination: FolderDestination, path: Path, ds: pydicom.Dataset) -> None:
-    target = destination.path / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-    try:
-        copy_durably(path, target)
-    except OSError as exc:
-        raise SendError(f"cannot write {target}: {exc.strerror or exc}") from None
+_dispatcher = Dispatcher()
 
 
-def send_by_c_store(destination: DicomDestination, datasets: list[pydicom.Dataset],
-                    calling_ae: str) -> Iterator[SendError | None]:
-    """C-STORE `datasets` over one association, yielding for each None once it was acknowledged,
-    or why it was not. Raises SendError when the association cannot be made or is lost."""
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    assoc = _associate(destination, datasets, calling_ae, where)
-    try:
-        accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
-        for ds in datasets:
-            if ds.SOPClassUID not in accepted:
-                yield SendError(f"{where} does not accept {ds.SOPClassUID.name} objects (presentation "
-                                "context rejected): allow that SOP class on the PACS, or route this "
-                                "model's results elsewhere")
-                continue
-            try:
-                status = assoc.send_c_store(ds)
-            except RuntimeError:  # pynetdicom's word for an association that is gone
-                raise SendError(f"{where}: the association was lost before all results were sent") from None
-            except (ValueError, AttributeError) as exc:  # not encodable in any accepted context
-                yield SendError(f"{where}: cannot send {ds.SOPInstanceUID}: {exc}")
-                continue
-            yield _refusal(where, ds, status)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+def run_dispatch(settings: Settings, store: Store, spool: Spool, *,
+                 wait: bool = False) -> dict[str, Future[int]]:
+    """The service's dispatcher: `Dispatcher.run` (the scheduler calls it every `dispatch.check_every`)."""
+    return _dispatcher.run(settings, store, spool, wait=wait)
 
 
-def _associate(destination: DicomDestination, datasets: list[pydicom.Dataset], calling_ae: str, where: str):
-    """An association that offers each result's SOP class in the transfer syntax it was written
-    in, then Implicit VR Little Endian; SendError says why there is none."""
-    from pynetdicom import AE, evt
-
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
-    for sop_class in {ds.SOPClassUID for ds in datasets}:
-        syntaxes = {ds.file_meta.TransferSyntaxUID for ds in datasets if ds.SOPClassUID == sop_class}
-        ae.add_requested_context(sop_class, list(dict.fromkeys([*sorted(syntaxes), ImplicitVRLittleEndian])))
-    try:
-        tls_args = (destination.tls.context(), destination.host) if destination.tls else None
-    except ValueError as exc:  # a certificate file changed since start-up
-        raise SendError(f"{where}: tls.{exc}") from None
-    answers = []  # pynetdicom only logs why an association was rejected
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
-                         evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))])
-    if assoc.is_rejected:
-        why = next((f"{a.result_str}, {a.reason_str}" for a in answers if hasattr(a, "reason_str")), "")
-        raise SendError(f"{where}: association rejected ({why}): check that the PACS knows the calling "
-                        f"AE title {calling_ae} and that its own AE title is {destination.ae_title}")
-    if not assoc.is_established:
-        why = _no_connection(destination) or ("the PACS aborted the association request" if assoc.is_aborted
-                                              else "no answer to the association request")
-        raise SendError(f"{where}: association failed: {why}")
-    return assoc
+def stop_dispatch(timeout: float, hurry: threading.Event | None = None) -> list[str]:
+    """At shutdown, once the scheduler has stopped: `Dispatcher.stop` for the service's dispatcher."""
+    return _dispatcher.stop(timeout, hurry)
 
 
-def _no_connection(destination: DicomDestination) -> str | None:
-    """Why no connection could be made, or None: pynetdicom only logs it, so the connection (and
-    the TLS handshake) is tried again here, where its error can be kept on the delivery."""
-    try:
-        with socket.create_connection((destination.host, destination.port), destination.timeout) as raw:
-            if destination.tls:
-                with destination.tls.context().wrap_socket(raw, server_hostname=destination.host) as tls:
-                    # With TLS 1.3 the server judges our certificate after the handshake: its
-                    # verdict, if any, arrives as an alert on the first read.
-                    tls.settimeout(min(destination.timeout, 2))
-                    try:
-                        tls.recv(1)
-                    except TimeoutError:
-                        pass
-    except ssl.SSLCertVerificationError as exc:
-        return (f"TLS handshake failed: its certificate is not trusted ({exc.verify_message}); "
-                "check tls.ca_certificates")
-    except ssl.SSLError as exc:
-        return (f"TLS refused by the PACS ({exc.reason or exc}): does it want a client certificate "
-                "(tls.certificate), and does it trust the one given?")
-    except OSError as exc:
-        return f"{exc.strerror or exc} (is the PACS listening at that address and port?)"
-    return None
+def _in_thread(name: str, work: Callable[[], int]) -> Future[int]:
+    """`work()` run in a daemon thread (a hung peer must not keep the process alive), as a future."""
+    future: Future[int] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # the store failed, or a bug: logged here, kept on the future
+            log.exception("%s stopped", name)
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
-def _refusal(where: str, ds: pydicom.Dataset, status) -> SendError | None:
-    """None for a C-STORE status that means the PACS keeps the object (warnings included)."""
-    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
-
-    if status and status.Status in (0x0000, 0xB000, 0xB007, 0xB006):
-        return None
-    if not status:
-        return SendError(f"{where}: no response to the C-STORE of {ds.SOPInstanceUID}")
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status.Status, ("", "a status unknown to DICOM"))[1]
-    comment = f": {status.ErrorComment}" if status.get("ErrorComment") else ""
-    return SendError(f"{where}: C-STORE of {ds.SOPInstanceUID} answered 0x{status.Status:04X} "
-                     f"({meaning}){comment}")
-
-
-def send_by_stow_rs(destination: DicomWebDestination, ds: pydicom.Dataset) -> None:
-    import requests
-    from dicomweb_client.api import DICOMwebClient
-
-    session = requests.Session()
-    if destination.username:
-        session.auth = (destination.username, destination.password or "")
-    client = DICOMwebClient(destination.url, session=session, timeout=destination.timeout)
-    try:
-        response = client.store_instances([ds])
-    except requests.RequestException as exc:
-        raise SendError(f"{destination.url}: STOW-RS of {ds.SOPInstanceUID} failed: {exc}") from None
-    failed = response.get("FailedSOPSequence") if response is not None else None
-    if failed:
-        reason = failed[0].get("FailureReason", "no reason given")
-        raise SendError(f"{destination.url}: STOW-RS refused {ds.SOPInstanceUID} (failure reason {reason})")
-
-
-def run_dispatch(settings: Settings, store: Store, spool: Spool) -> int:
-    """Send every delivery that is due; returns how many were sent."""
-    now = utcnow()
+def _due(store: Store) -> dict[str, list[Any]]:
+    """The deliveries due now, by destination, oldest first."""
     with store.read_session() as session:
-        due = session.execute(
+        rows = session.execute(
             select(Delivery.id, Delivery.destination, Delivery.attempts, Result.path, Study.study_uid)
             .join(Result, Result.id == Delivery.result_id).join(Job, Job.id == Result.job_id)
             .join(Study, Study.id == Job.study_id)
-            .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= now)
+            .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow())
             .order_by(Delivery.id)
         ).all()
-    by_destination = defaultdict(list)
-    for row in due:
+    by_destination: dict[str, list[Any]] = defaultdict(list)
+    for row in rows:
         by_destination[row.destination].append(row)
-    # A backlog left by an outage goes in pieces: so many results read and sent per association.
-    return sum(_send_to(settings, store, spool, name, rows[i:i + PER_ASSOCIATION])
-               for name, rows in by_destination.items() for i in range(0, len(rows), PER_ASSOCIATION))
+    return by_destination
 
 
-def _send_to(settings: Settings, store: Store, spool: Spool, name: str, rows: list) -> int:
-    """Send deliveries due at one destination (one association for a DICOM peer); returns how many."""
+def _send_due(settings: Settings, store: Store, spool: Spool, name: str, rows: Sequence[Any],
+              stopping: threading.Event) -> int:
+    """Send the deliveries due at one destination, batch after batch; returns how many were sent."""
     destination = settings.destinations.get(name)
     if destination is None:
-        for row in rows:
-            _retry_later(store, settings.dispatch, row, f"destination {name!r} is no longer configured: "
-                         "configure it again, or its results wait")
+        _retry_later(store, settings.dispatch, name, rows, f"destination {name!r} is no longer configured: "
+                     "configure it again, or its results wait")
         return 0
-    ready = []
-    for row in rows:
-        try:
-            path = spool.path(row.path)
-            ready.append((row, path, pydicom.dcmread(path)))
-        except (OSError, InvalidDicomError) as exc:
-            _retry_later(store, settings.dispatch, row, f"cannot read the result {row.path}: {exc}")
-    outcomes = _sending(destination, ready, settings.dicom.ae_title)
-    sent = handled = 0
-    try:
-        for row, _, ds in ready:
-            error = next(outcomes)
-            if error:
-                _retry_later(store, settings.dispatch, row, str(error))
-            else:
-                _mark_sent(store, row, ds.SOPInstanceUID)
-                sent += 1
-            handled += 1
-    except Exception as exc:  # no association, or it was lost: the rest waits for the next attempt
-        if not isinstance(exc, SendError):  # a bug must not stall this destination or the others
-            log.exception("sending to %s failed unexpectedly", name)
-            exc = f"unexpected error: {exc!r} (details in the service log)"
-        for row, _, _ in ready[handled:]:
-            _retry_later(store, settings.dispatch, row, str(exc))
-    finally:
-        outcomes.close()
+    sent = 0
+    for i in range(0, len(rows), PER_ASSOCIATION):
+        if stopping.is_set():  # shutting down: the rest are still due at the next start
+            break
+        sent += _send_batch(settings, store, spool, destination, name, rows[i:i + PER_ASSOCIATION])
     return sent
 
 
-def _sending(destination, ready: list, calling_ae: str) -> Iterator[SendError | None]:
-    """Each ready result sent to `destination` in turn: None when it took it, else why not."""
-    if isinstance(destination, DicomDestination):
-        yield from send_by_c_store(destination, [ds for _, _, ds in ready], calling_ae)
-        return
-    for _, path, ds in ready:
+def _send_batch(settings: Settings, store: Store, spool: Spool, destination: Any, name: str,
+                rows: Sequence[Any]) -> int:
+    """Send one batch (one association for a DICOM peer) and record each outcome; returns how many
+    were sent."""
+    ready: list[tuple[Any, Outgoing]] = []
+    for row in rows:
         try:
-            if isinstance(destination, FolderDestination):
-                send_to_folder(destination, path, ds)
+            path = spool.path(row.path)
+            ready.append((row, Outgoing(path, pydicom.dcmread(path))))
+        except (OSError, InvalidDicomError) as exc:
+            _retry_later(store, settings.dispatch, name, [row], f"cannot read the result {row.path}: {exc}")
+    if not ready:
+        return 0
+    outcomes = sender_for(destination, settings.dicom.ae_title).send([outgoing for _, outgoing in ready])
+    sent = handled = 0
+    try:
+        for row, outgoing in ready:
+            error = next(outcomes)
+            if error:
+                _retry_later(store, settings.dispatch, name, [row], str(error))
             else:
-                send_by_stow_rs(destination, ds)
-        except SendError as exc:
-            yield exc
-        else:
-            yield None
+                _mark_sent(store, name, row, outgoing.dataset.SOPInstanceUID)
+                sent += 1
+            handled += 1
+    except Exception as exc:  # no connection, or it was lost: the rest waits for the next attempt
+        why = str(exc)
+        if not isinstance(exc, SendError):  # a bug must not stall this destination or the others
+            log.exception("sending to %s failed unexpectedly", name)
+            why = f"unexpected error: {exc!r} (details in the service log)"
+        _retry_later(store, settings.dispatch, name, [row for row, _ in ready[handled:]], why)
+    finally:
+        close = getattr(outcomes, "close", None)  # a generator: its association is released
+        if close:
+            close()
+    return sent
 
 
-def _mark_sent(store: Store, row, sop_uid: str) -> None:
+def _mark_sent(store: Store, name: str, row: Any, sop_uid: str) -> None:
     with store.session.begin() as session:
         delivery = session.get(Delivery, row.id, with_for_update=True)
+        if delivery is None:  # its study was deleted meanwhile
+            return
         delivery.status, delivery.sent_at, delivery.last_error = DeliveryStatus.SENT, utcnow(), None
         delivery.attempts += 1
-        add_event(session, "dispatcher", "result.sent", row.study_uid, destination=row.destination,
+        add_event(session, "dispatcher", "result.sent", row.study_uid, destination=name,
                   sop_instance_uid=sop_uid)
-    log.info("sent %s to %s", sop_uid, row.destination)
+    log.info("sent %s to %s", sop_uid, name)
 
 
-def _retry_later(store: Store, policy: DispatchSettings, row, error: str) -> None:
-    attempts, name, study_uid = row.attempts, row.destination, row.study_uid
-    delay = min(policy.retry_initial * 2 ** attempts, policy.retry_max)
+def _retry_later(store: Store, policy: DispatchSettings, name: str, rows: Sequence[Any], error: str) -> None:
+    """Record a failed attempt at each of `rows`, each retried after its own backoff; one log line."""
+    if not rows:
+        return
     with store.session.begin() as session:
-        delivery = session.get(Delivery, row.id, with_for_update=True)
-        delivery.attempts = attempts + 1
-        delivery.last_error = error
-        delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
-        add_event(session, "dispatcher", "result.send_failed", study_uid, destination=name, error=error,
-                  attempt=attempts + 1, retry_in_s=delay)
-    log.warning("sending to %s failed (attempt %d, next in %.0f s): %s", name, attempts + 1, delay, error)
+        for row in rows:
+            delay = min(policy.retry_initial * 2 ** row.attempts, policy.retry_max)
+            delivery = session.get(Delivery, row.id, with_for_update=True)
+            if delivery is None:  # its study was deleted meanwhile
+                continue
+            delivery.attempts = row.attempts + 1
+            delivery.last_error = error
+            delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+            add_event(session, "dispatcher", "result.send_failed", row.study_uid, destination=name,
+                      error=error, attempt=row.attempts + 1, retry_in_s=delay)
+    first = rows[0]
+    delay = min(policy.retry_initial * 2 ** first.attempts, policy.retry_max)
+    what = "" if len(rows) == 1 else f" for {len(rows)} results"
+    log.warning("sending to %s failed%s (attempt %d, next in %.0f s): %s", name, what, first.attempts + 1,
+                delay, error)

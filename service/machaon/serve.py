@@ -11,6 +11,7 @@ import threading
 import time
 
 from .config import Settings
+from .dispatch import stop_dispatch
 from .inference import OrtSessions
 from .scheduler import build_scheduler
 from .startup import check_models, check_tls, open_spool, open_store, reconcile_spool, start_listener
@@ -82,6 +83,7 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
         scp.stop(settings.dicom.shutdown_grace, hurry)
         scheduler.stop()
         workers.stop(hurry)
+        stop_dispatch(settings.dicom.shutdown_grace, hurry)
     finally:
         store.dispose()
 

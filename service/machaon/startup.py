@@ -13,9 +13,10 @@ import logging
 import sqlalchemy.exc
 from sqlalchemy import select
 
-from .config import Settings, TlsError
+from .config import Settings
 from .manifest import PackageError, load_package
 from .scp import Refused, StorageSCP
+from .senders import SettingError
 from .spool import Spool, SpoolError, valid_uid
 from .store import Instance, SchemaError, SeriesRow, Store, Study, add_event, check_schema
 
@@ -33,14 +34,13 @@ def check_models(settings: Settings) -> None:
 
 
 def check_tls(settings: Settings) -> None:
-    """Certificates and keys are loaded at start-up, not found wanting at the first send."""
+    """Certificates and keys are loaded at start-up, not found wanting at the first send (each
+    destination type says what it loads: senders/dicom.py, the DICOM TLS files)."""
     for name, destination in settings.destinations.items():
-        tls = getattr(destination, "tls", None)
-        if tls:
-            try:
-                tls.context()
-            except TlsError as exc:
-                raise settings.error(f"destinations.{name}.tls.{exc.key}", exc.problem) from None
+        try:
+            destination.check()
+        except SettingError as exc:
+            raise settings.error(f"destinations.{name}.{exc.key}", exc.problem) from None
 
 
 def open_store(settings: Settings) -> Store:

@@ -24,28 +24,27 @@ SEED = 2026
 def send(files: list[Path], aet: str, host: str, port: int, calling_ae: str) -> tuple[int, list[str]]:
     """C-STORE `files` over one association; (how many were acknowledged, the failures)."""
     import pydicom
-    from pynetdicom import AE
+
+    from ..senders import SendError
+    from ..senders.dicom import DicomClient
 
     datasets = [pydicom.dcmread(f) for f in files]
-    ae = AE(ae_title=calling_ae)
     # Each file in its own transfer syntax, so that it is sent as written, not converted.
-    for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
-        ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(host, port, ae_title=aet)
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "no answer"
-        return 0, [f"{aet}@{host}:{port}: no association ({why})"]
+    contexts = sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets})
+    client = DicomClient(aet, host, port, calling_ae=calling_ae, timeout=30)
     stored, failures = 0, []
     try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            if status and status.Status == 0:
-                stored += 1
-            else:
-                failures.append(f"{ds.SOPInstanceUID}: status "
-                                f"{f'0x{status.Status:04X}' if status else 'none'}")
-    finally:
-        assoc.release()
+        with client.association([(sop_class, [syntax]) for sop_class, syntax in contexts]) as assoc:
+            try:
+                for failure in client.c_store(assoc, datasets):
+                    if failure:
+                        failures.append(str(failure))
+                    else:
+                        stored += 1
+            except SendError as exc:  # the association was lost
+                failures.append(str(exc))
+    except SendError as exc:
+        failures.append(f"no association: {exc}")
     return stored, failures
 
 
@@ -106,9 +105,10 @@ def _volumes(path: Path) -> list[str]:
     """The volumes an SR reports, as text ("LV cavity volume: 93.4 ml")."""
     import highdicom as hd
 
-    report = hd.sr.srread(path)
+    content = hd.sr.srread(path).content  # a TID 1500 measurement report: machaon wrote it
+    assert isinstance(content, hd.sr.MeasurementReport)
     return [f"{group.tracking_identifier}: {m.value} {m.unit.value}"
-            for group in report.content.get_volumetric_roi_measurement_groups()
+            for group in content.get_volumetric_roi_measurement_groups()
             for m in group.get_measurements()]
 
 

@@ -1,0 +1,234 @@
+"""Dispatch without a `machaon serve` process: deliveries in a real job store, results in a real
+spool, sent by the real senders; each destination sent to independently of the others."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from machaon.config import Settings
+from machaon.dispatch import Dispatcher, run_dispatch
+from machaon.senders import TYPES, sender_for
+from machaon.spool import Spool
+from machaon.store import (
+    Delivery,
+    DeliveryStatus,
+    Event,
+    Job,
+    JobStatus,
+    Result,
+    Store,
+    Study,
+    StudyStatus,
+    utcnow,
+)
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from tests.dicomgen import ct_slice
+from tests.harness import free_port, run_machaon
+
+
+@pytest.fixture
+def store(db_url):
+    store = Store(db_url)
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def spool(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    return spool
+
+
+def settings(**destinations) -> Settings:
+    return Settings.model_validate({"destinations": destinations,
+                                    "dispatch": {"retry_initial": 60, "retry_max": 600}})
+
+
+def results_for(store: Store, spool: Spool, *destinations: str, count: int = 2) -> list:
+    """A succeeded job of a new study with `count` results in the spool, each due at `destinations`."""
+    study_uid, series_uid, now = generate_uid(), generate_uid(), utcnow()
+    datasets = [ct_slice(study_uid, series_uid, i, np.zeros((8, 8))) for i in range(count)]
+    with store.session.begin() as session:
+        study = Study(study_uid=study_uid, status=StudyStatus.COMPLETE, first_received_at=now, opened_at=now,
+                      last_received_at=now)
+        session.add(study)
+        session.flush()
+        job = Job(study_id=study.id, model="test", status=JobStatus.SUCCEEDED, created_at=now)
+        session.add(job)
+        session.flush()
+        for ds in datasets:
+            relative = spool.result_path(study_uid, series_uid, ds.SOPInstanceUID)
+            spool.write(ds, relative)
+            result = Result(job_id=job.id, kind="seg", sop_class_uid=ds.SOPClassUID, path=relative,
+                            sop_instance_uid=ds.SOPInstanceUID, series_uid=series_uid, created_at=now)
+            session.add(result)
+            session.flush()
+            session.add_all(Delivery(result_id=result.id, destination=name, status=DeliveryStatus.PENDING,
+                                     attempts=0, next_attempt_at=now) for name in destinations)
+    return datasets
+
+
+def deliveries(store: Store, destination: str) -> list[Delivery]:
+    with store.read_session() as session:
+        return list(session.scalars(select(Delivery).where(Delivery.destination == destination)
+                                    .order_by(Delivery.id)))
+
+
+def events(store: Store, action: str) -> list[Event]:
+    with store.read_session() as session:
+        return list(session.scalars(select(Event).where(Event.action == action).order_by(Event.id)))
+
+
+def written(folder: Path, ds) -> Path:
+    return folder / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+
+
+def test_results_are_written_to_a_folder_once(store, spool, tmp_path):
+    out = tmp_path / "out"
+    datasets = results_for(store, spool, "out", count=3)
+    config = settings(out={"type": "folder", "path": str(out)})
+
+    started = run_dispatch(config, store, spool, wait=True)
+    assert started["out"].result() == 3
+    assert all(written(out, ds).is_file() for ds in datasets)
+    assert {(d.status, d.attempts, d.last_error) for d in deliveries(store, "out")} == {("sent", 1, None)}
+    assert len(events(store, "result.sent")) == 3
+
+    assert run_dispatch(config, store, spool, wait=True) == {}  # nothing is sent twice
+
+
+def test_a_folder_that_cannot_be_written_keeps_its_results_pending_with_a_backoff(store, spool, tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    results_for(store, spool, "out")
+    config = settings(out={"type": "folder", "path": str(tmp_path / "not-a-folder")})
+
+    before = utcnow()
+    assert run_dispatch(config, store, spool, wait=True)["out"].result() == 0
+    for delivery in deliveries(store, "out"):
+        assert delivery.status == "pending" and delivery.attempts == 1
+        assert delivery.last_error.startswith(f"cannot write {tmp_path / 'not-a-folder'}/")
+        assert delivery.next_attempt_at >= before + timedelta(seconds=60)  # dispatch.retry_initial
+    [failed, _] = events(store, "result.send_failed")
+    assert '"attempt": 1' in failed.detail and '"retry_in_s": 60' in failed.detail
+    assert run_dispatch(config, store, spool, wait=True) == {}  # not due again before the backoff
+
+
+def test_results_for_a_destination_no_longer_configured_wait_for_it(store, spool):
+    results_for(store, spool, "gone")
+    run_dispatch(settings(), store, spool, wait=True)
+    for delivery in deliveries(store, "gone"):
+        assert delivery.status == "pending" and delivery.attempts == 1
+        assert "destination 'gone' is no longer configured" in delivery.last_error
+
+
+def test_a_pacs_on_a_closed_port_is_named_with_the_reason(store, spool):
+    port = free_port()
+    results_for(store, spool, "pacs")
+    config = settings(pacs={"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "timeout": 2})
+    run_dispatch(config, store, spool, wait=True)
+    for delivery in deliveries(store, "pacs"):
+        assert delivery.status == "pending" and delivery.attempts == 1
+        assert delivery.last_error.startswith(f"PACS@127.0.0.1:{port}: association failed: could not be reached "
+                                              "(Connection refused): is the PACS listening"), delivery.last_error
+
+
+@pytest.fixture
+def silent_peer():
+    """A TCP port that accepts connections and never answers on them."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        connections: list[socket.socket] = []
+
+        def accept():
+            try:
+                while True:
+                    connections.append(server.accept()[0])
+            except OSError:  # closed at the end of the test
+                pass
+        threading.Thread(target=accept, daemon=True).start()
+        yield server.getsockname()[1]
+    for connection in connections:
+        connection.close()
+
+
+def test_a_pacs_that_never_answers_does_not_hold_up_the_other_destinations(store, spool, tmp_path, silent_peer):
+    out = tmp_path / "out"
+    datasets = results_for(store, spool, "hung", "out")
+    config = settings(out={"type": "folder", "path": str(out)},
+                      hung={"type": "dicom", "ae_title": "HUNG", "host": "127.0.0.1", "port": silent_peer,
+                            "timeout": 2})
+    started = run_dispatch(config, store, spool)
+    assert started["out"].result(timeout=60) == 2
+    assert all(written(out, ds).is_file() for ds in datasets)
+    assert run_dispatch(config, store, spool) == {}  # the hung send is not started a second time
+
+    assert started["hung"].result(timeout=60) == 0
+    for delivery in deliveries(store, "hung"):
+        assert delivery.status == "pending" and delivery.attempts == 1  # tried once, by one thread
+        assert delivery.last_error == (f"HUNG@127.0.0.1:{silent_peer}: association failed: no answer to the "
+                                       "association request within 2 s")
+    # The folder's results were recorded as sent before the hung PACS gave up.
+    assert max(e.id for e in events(store, "result.sent")) < min(e.id for e in events(store, "result.send_failed"))
+
+
+def test_stopping_waits_for_the_sends_in_flight_and_starts_no_more(store, spool, silent_peer):
+    results_for(store, spool, "hung")
+    config = settings(hung={"type": "dicom", "ae_title": "HUNG", "host": "127.0.0.1", "port": silent_peer,
+                            "timeout": 1})
+    dispatcher = Dispatcher()
+    started = dispatcher.run(config, store, spool)
+    assert dispatcher.stop(timeout=60) == []  # none left behind
+    assert started["hung"].done()
+    assert all(d.attempts == 1 for d in deliveries(store, "hung"))  # its outcome was recorded
+    for delivery in deliveries(store, "hung"):
+        with store.session.begin() as session:  # due again
+            session.get(Delivery, delivery.id).next_attempt_at = utcnow()
+    assert dispatcher.run(config, store, spool) == {}
+
+
+def test_a_dicomweb_server_that_is_down_costs_one_attempt(store, spool):
+    with socket.create_server(("127.0.0.1", 0)) as server:  # answers every connection by closing it
+        port, connections = server.getsockname()[1], []
+
+        def refuse():
+            try:
+                while True:
+                    connection = server.accept()[0]
+                    connections.append(connection)
+                    connection.close()
+            except OSError:
+                pass
+        threading.Thread(target=refuse, daemon=True).start()
+        results_for(store, spool, "web")
+        config = settings(web={"type": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web", "timeout": 2})
+        run_dispatch(config, store, spool, wait=True)
+    assert len(connections) == 1  # not retried by the HTTP client: the dispatcher's backoff decides
+    for delivery in deliveries(store, "web"):
+        assert delivery.status == "pending" and delivery.attempts == 1
+        assert delivery.last_error.startswith(f"http://127.0.0.1:{port}/dicom-web: STOW-RS of "), delivery.last_error
+
+
+def test_every_destination_type_is_configurable_and_has_its_sender():
+    config = settings(out={"type": "folder", "path": "/tmp/out"},
+                      pacs={"type": "dicom", "ae_title": "PACS", "host": "pacs", "port": 104},
+                      web={"type": "dicomweb", "url": "https://pacs/dicom-web"})
+    assert set(TYPES) == {"folder", "dicom", "dicomweb"}
+    for destination in config.destinations.values():
+        assert isinstance(destination, TYPES[destination.type].settings)
+        assert isinstance(sender_for(destination, "MACHAON"), TYPES[destination.type].sender)
+
+
+def test_echo_calls_a_configured_destination_as_the_dispatcher_would(tmp_path):
+    port = free_port()
+    config = tmp_path / "machaon.toml"
+    config.write_text(f'[destinations.pacs]\ntype = "dicom"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {port}\n')
+    echo = run_machaon("echo", "pacs", "--timeout", "2", config=config)
+    assert echo.returncode == 1
+    assert f"PACS@127.0.0.1:{port}: association failed: could not be reached (Connection refused)" in echo.stderr
