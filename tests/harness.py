@@ -240,7 +240,7 @@ def jobs_of(server, study_uid: str) -> list[dict]:
 def finished(server, study_uid: str, count: int = 1):
     def check():
         jobs = jobs_of(server, study_uid)
-        done = [j for j in jobs if JobStatus(j["status"]).finished]
+        done = [j for j in jobs if j["status"] in (JobStatus.SUCCEEDED, JobStatus.FAILED)]
         return done if len(done) >= count else None
     return server.wait_for(check, timeout=60, what=f"{count} finished job(s) for {study_uid}")
 

@@ -6,14 +6,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from alembic import command
+from machaon.cli import main
 from machaon.completion import complete_quiet_studies
+from machaon.planner import plan_jobs
+from machaon.rules import Match, Rule
+from machaon.spool import Spool
 from machaon.store import (
     Event,
     ReceivedInstance,
     SchemaError,
     SeriesConflict,
     Store,
+    Study,
+    _alembic_config,
     check_schema,
     list_studies,
     record_instance,
@@ -21,7 +29,9 @@ from machaon.store import (
     upgrade,
 )
 from pydicom.uid import generate_uid
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
+
+from tests.dicomgen import ct_slice
 
 
 @pytest.fixture
@@ -185,13 +195,16 @@ def test_study_with_an_open_association_is_not_quiet(store):
     assert forced.forced
 
 
+def migrate(store: Store, step, revision: str) -> None:
+    with store.engine.connect() as conn:
+        if store.engine.dialect.name == "sqlite":  # as store.upgrade: no cascades while tables are copied
+            conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+        step(_alembic_config(conn), revision)
+
+
 def test_migrating_down_and_up_keeps_results_and_their_deliveries(store):
     # Two runs of one job made the same object (one SOP Instance UID): since 0003 each job has its
     # own row; going back to 0002 (one row per UID) and up again loses no delivery.
-    from alembic import command
-    from machaon.store import _alembic_config
-    from sqlalchemy import text
-
     with store.engine.begin() as conn:
         conn.execute(text("INSERT INTO studies (id, study_uid, status, first_received_at, opened_at, "
                           "last_received_at, completion_count, planned_count) VALUES "
@@ -205,18 +218,80 @@ def test_migrating_down_and_up_keeps_results_and_their_deliveries(store):
             conn.execute(text("INSERT INTO deliveries (id, result_id, destination, status, attempts) VALUES "
                               f"({job}, {job}, 'pacs{job}', 'sent', 1)"))
 
-    def migrate(step, revision):
-        with store.engine.connect() as conn:
-            if store.engine.dialect.name == "sqlite":  # as store.upgrade: no cascades while tables are copied
-                conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
-            step(_alembic_config(conn), revision)
-
-    migrate(command.downgrade, "0002")
+    migrate(store, command.downgrade, "0002")
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT id FROM results")).scalars().all() == [1]
         assert conn.execute(text("SELECT result_id, destination FROM deliveries ORDER BY id")).all() == \
             [(1, "pacs1"), (1, "pacs2")]
-    migrate(command.upgrade, "head")
+    migrate(store, command.upgrade, "head")
     check_schema(store.engine)
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM deliveries")).scalar() == 2
+
+
+def test_upgrading_from_0003_records_the_header_facts_of_the_instances_kept(store, db_url, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`machaon db upgrade` reads the facts of the rows already there from their files in the spool;
+    a file it cannot read leaves its row without facts, which planning names, and is tried again."""
+    migrate(store, command.downgrade, "0003")
+    spool = Spool(tmp_path / "spool")
+    study, series = "1.2.3", "1.2.3.1"
+    files = []
+    for i in range(3):
+        ds = ct_slice(study, series, i, np.zeros((8, 10)))
+        ds.ProtocolName, ds.BodyPartExamined, ds.NumberOfFrames = "Thorax", "CHEST", 2
+        files.append(ds)
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO studies (id, study_uid, status, first_received_at, opened_at, "
+                          "last_received_at, completion_count, planned_count) VALUES "
+                          f"(1, '{study}', 'complete', '2026-12-01', '2026-12-01', '2026-12-01', 1, 0)"))
+        conn.execute(text("INSERT INTO series (id, study_id, series_uid, modality, status, first_received_at, "
+                          f"last_received_at) VALUES (1, 1, '{series}', 'CT', 'complete', '2026-12-01', "
+                          "'2026-12-01')"))
+        for i, ds in enumerate(files):
+            relative = spool.relative_path(study, series, ds.SOPInstanceUID)
+            conn.execute(text("INSERT INTO instances (id, series_id, sop_instance_uid, sop_class_uid, "
+                              "transfer_syntax_uid, path, size_bytes, calling_ae, received_at, receive_count) "
+                              f"VALUES ({i + 1}, 1, '{ds.SOPInstanceUID}', '{ds.SOPClassUID}', "
+                              f"'1.2.840.10008.1.2.1', '{relative}', 1000, 'CT1', '2026-12-01', 1)"))
+            if i < 2:  # the third file is missing
+                spool.path(relative).parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(spool.path(relative), enforce_file_format=True)
+        conn.execute(text("INSERT INTO jobs (id, study_id, series_id, model, rule, status, priority, attempts, "
+                          "created_at, generation) VALUES (1000, 1, 1, 'm', 'r', 'queued', 0, 0, '2026-12-01', 1)"))
+    monkeypatch.setenv("MACHAON_DATABASE_URL", db_url)
+    monkeypatch.setenv("MACHAON_SPOOL_PATH", str(spool.root))
+
+    assert main(["db", "upgrade"]) == 0
+    said = capsys.readouterr().out
+    assert "upgraded from 0003 to revision" in said
+    assert "recorded the header facts of 2 instance(s)" in said
+    assert "1 instance(s) kept without header facts" in said and files[2].SOPInstanceUID in said
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT frames, rows, columns FROM instances ORDER BY id")).all() == \
+            [(2, 8, 10), (2, 8, 10), (None, None, None)]
+        assert conn.execute(text("SELECT modality, protocol_name, body_part, image_type FROM series")).one() == \
+            ("CT", "Thorax", "CHEST", "ORIGINAL\\PRIMARY\\AXIAL")
+        # Planned before destinations were kept with jobs: its rule, by name, says when it ends.
+        assert conn.execute(text("SELECT destinations FROM jobs")).scalar_one() is None
+
+    rule = Rule(name="ct", models=["m"], match=Match(modality=["CT"], body_part=["chest"], min_slices=4))
+    assert plan_jobs(store, [rule]) == 1  # two files of two frames each
+    with store.session() as session:
+        error = session.execute(select(Study.planning_error)).scalar_one()
+    assert f"instance {files[2].SOPInstanceUID} of series {series}: cannot read studies/" in error
+
+    files[2].save_as(spool.path(spool.relative_path(study, series, files[2].SOPInstanceUID)),
+                     enforce_file_format=True)  # the file is back: upgrading again records it
+    assert main(["db", "upgrade"]) == 0
+    said = capsys.readouterr().out
+    assert "up to date" in said and "recorded the header facts of 1 instance(s)" in said
+    assert "without header facts" not in said
+
+    migrate(store, command.downgrade, "0003")
+    assert {"frames", "rows", "columns"}.isdisjoint(c["name"] for c in inspect(store.engine).get_columns("instances"))
+    assert "destinations" not in {c["name"] for c in inspect(store.engine).get_columns("jobs")}
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 3
+    migrate(store, command.upgrade, "head")
+    check_schema(store.engine)

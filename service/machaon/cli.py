@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p = db.add_parser("upgrade", parents=[common], help="create or migrate the job store's tables")
     p.set_defaults(run=_db_upgrade)
 
-    studies = sub.add_parser("studies", help="studies received")
-    studies = studies.add_subparsers(required=True, metavar="ACTION")
+    studies = sub.add_parser("studies", help="studies received").add_subparsers(required=True,
+                                                                                 metavar="ACTION")
     p = studies.add_parser("list", parents=[common, json_flag], help="list studies, newest first")
     p.add_argument("--status", choices=[s.value for s in StudyStatus])
     p.add_argument("--limit", type=int, default=None, help="at most this many")
@@ -108,9 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--send-only", metavar="AET@HOST:PORT", help="only send the phantom study to this node")
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (AET@HOST:PORT)")
-    p.add_argument("target", metavar="AET@HOST:PORT")
-    p.add_argument("--timeout", type=float, default=10, help="seconds (default 10)")
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (AET@HOST:PORT), or a configured "
+                       "DICOM destination by name (with its TLS settings)")
+    p.add_argument("target", metavar="AET@HOST:PORT|DESTINATION")
+    p.add_argument("--timeout", type=float, help="seconds (default 10, or the destination's timeout)")
     p.set_defaults(run=_echo)
     return parser
 
@@ -137,10 +138,17 @@ def _worker(settings: Settings, _args) -> None:
 def _db_upgrade(settings: Settings, _args) -> None:
     import sqlalchemy.exc
 
-    from .store import make_engine, upgrade
+    from .store import instances_without_facts, make_engine, upgrade
     engine = make_engine(settings.database.url)
+    recorded, unreadable = 0, list[str]()
     try:
         before, after = upgrade(engine)
+        with engine.connect() as conn:
+            missing = bool(instances_without_facts(conn, 0, 1))
+        if missing:  # rows kept before header facts were recorded at ingest: read from the spool
+            from .scp import record_missing_facts
+            from .spool import Spool
+            recorded, unreadable = record_missing_facts(engine, Spool(settings.spool.path))
     except sqlalchemy.exc.OperationalError as exc:
         raise settings.error("database.url", f"cannot use the database: {exc.orig}") from None
     finally:
@@ -149,6 +157,16 @@ def _db_upgrade(settings: Settings, _args) -> None:
         out.print(f"job store is up to date (revision {after})")
     else:
         out.print(f"job store upgraded from {before or 'empty'} to revision {after}")
+    if recorded:
+        out.print(f"recorded the header facts of {recorded} instance(s) from their files in the spool")
+    if unreadable:
+        out.print(f"[yellow]{len(unreadable)} instance(s) kept without header facts[/]: their files cannot "
+                  f"be read from {settings.spool.path}; planning names them on their studies, and "
+                  "`machaon db upgrade` tries again:", soft_wrap=True)
+        for line in unreadable[:20]:
+            out.print(f"  {line}", soft_wrap=True, markup=False)
+        if len(unreadable) > 20:
+            out.print(f"  and {len(unreadable) - 20} more")
 
 
 def _studies_list(settings: Settings, args) -> None:
@@ -336,11 +354,10 @@ def _rules_test(settings: Settings, args) -> int:
     if Path(args.target).exists():
         found, problems = series_in_folder(Path(args.target))
     else:
-        from .spool import Spool
         from .startup import open_store
         store = open_store(settings)
-        with store.read_session() as session:  # reads the spool, never writes to it
-            in_store = series_in_store(session, Spool(settings.spool.path), args.target)
+        with store.read_session() as session:  # the facts recorded at ingest, as planning sees them
+            in_store = series_in_store(session, args.target)
         store.dispose()
         if in_store is None:
             return _fail(f"{args.target} is neither a path nor a received study's UID")
@@ -385,36 +402,34 @@ def _demo(settings: Settings, args) -> int:
 
 
 def _echo(settings: Settings, args) -> int:
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import Verification
+    from .senders import SendError
+    from .senders.dicom import DicomClient, DicomDestination
 
+    verification = "1.2.840.10008.1.1"  # the Verification SOP Class
+    destination = settings.destinations.get(args.target)
     match = re.fullmatch(r"([^@]{1,16})@(.+):(\d{1,5})", args.target)
-    if not match:
-        return _fail(f"{args.target!r} is not AET@HOST:PORT (e.g. ORTHANC@pacs.local:4242)", 2)
-    aet, host, port = match.group(1), match.group(2), int(match.group(3))
+    if isinstance(destination, DicomDestination):  # as the dispatcher calls it, TLS included
+        client = DicomClient.of(destination, settings.dicom.ae_title)
+        client.timeout = args.timeout or destination.timeout
+    elif match:
+        client = DicomClient(match.group(1), match.group(2), int(match.group(3)),
+                             calling_ae=settings.dicom.ae_title, timeout=args.timeout or 10)
+    else:
+        dicom = ", ".join(n for n, d in settings.destinations.items() if isinstance(d, DicomDestination))
+        return _fail(f"{args.target!r} is neither AET@HOST:PORT (e.g. ORTHANC@pacs.local:4242) nor a "
+                     f"configured DICOM destination ({dicom or 'none configured'})", 2)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # we say what went wrong
-    ae = AE(ae_title=settings.dicom.ae_title)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
-    connected = []  # tells "no network path" apart from "DICOM said no"
     start = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=aet,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
-    if not assoc.is_established:
-        if not connected:
-            return _fail(f"{aet}@{host}:{port} could not be reached (no TCP connection within "
-                         f"{args.timeout:g} s, or refused)")
-        if assoc.is_rejected:
-            return _fail(f"{aet}@{host}:{port} rejected the association: check that it knows the "
-                         f"calling AE title {settings.dicom.ae_title} and is called {aet}")
-        return _fail(f"{aet}@{host}:{port} aborted the association (is it a DICOM node?)")
-    status = assoc.send_c_echo()
-    assoc.release()
+    try:
+        with client.association([(verification, None)]) as assoc:
+            status = assoc.send_c_echo()
+    except SendError as exc:
+        return _fail(str(exc))
     ms = (time.monotonic() - start) * 1000
     if status and status.Status == 0:
-        out.print(f"C-ECHO {settings.dicom.ae_title} -> {aet}@{host}:{port}: success ({ms:.0f} ms)")
+        out.print(f"C-ECHO {settings.dicom.ae_title} -> {client.where}: success ({ms:.0f} ms)")
         return 0
-    return _fail(f"C-ECHO to {aet}@{host}:{port} failed: "
+    return _fail(f"C-ECHO to {client.where} failed: "
                  f"{'no response' if not status else f'status 0x{status.Status:04X}'}")
 
 

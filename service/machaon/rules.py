@@ -62,7 +62,8 @@ class Rule(BaseModel):
 
 @dataclass
 class SeriesFacts:
-    """What the rules look at, gathered from a series' headers and how it arrived."""
+    """What the rules look at: a series' header facts and how it arrived. Planning builds it from
+    the facts recorded at ingest (planner.series_in_store); `machaon rules test FOLDER` from files."""
 
     series_uid: str
     modality: str = ""
@@ -85,13 +86,13 @@ class SeriesFacts:
             series_description=_text(first, "SeriesDescription"),
             protocol_name=_text(first, "ProtocolName"),
             body_part=_text(first, "BodyPartExamined"),
-            image_type=tuple(str(v) for v in _value(first, "ImageType", None) or []),
+            image_type=_values(first, "ImageType"),
             calling_aets=set(calling_aets),
             slices=sum(_number(ds, "NumberOfFrames", 1) for ds in headers),
             rows=_number(first, "Rows", 0), columns=_number(first, "Columns", 0))
 
 
-# What the rules read, and nothing more: planning reads every header of a study.
+# What the rules read from a file, and nothing more (`machaon rules test` reads every file of a folder).
 HEADER_TAGS = ["SeriesInstanceUID", "Modality", "SOPClassUID", "SeriesDescription", "ProtocolName",
                "BodyPartExamined", "ImageType", "NumberOfFrames", "Rows", "Columns"]
 
@@ -104,6 +105,11 @@ def _value(ds: Dataset, keyword: str, default):
     except Exception:  # pydicom's converters raise several types; any means "not readable"
         return default
     return default if value in (None, "") else value
+
+
+def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    value = _value(ds, keyword, ())
+    return (str(value),) if isinstance(value, str) else tuple(str(v) for v in value)
 
 
 def _text(ds: Dataset, keyword: str) -> str:

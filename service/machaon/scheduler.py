@@ -64,7 +64,7 @@ def build_scheduler(settings: Settings, store: Store, spool: Spool,
 
     def complete_and_plan():
         run_completion(store, settings.completion, studies_in_flight)
-        if plan_jobs(store, spool, settings.rules):
+        if plan_jobs(store, settings.rules):
             workers.wake()
         # Look again the moment the next study is due to go quiet, not up to check_every later.
         due = next_due(store, settings.completion)  # naive UTC, or None

@@ -31,16 +31,32 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, MediaStorageDirectoryStorage
 from pydicom.valuerep import DA, validate_regex, validate_value
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
-from pynetdicom.sop_class import Verification, uid_to_service_class
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # Verification: named at import time
+    Verification,
+    uid_to_service_class,
+)
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from .config import TRANSFER_SYNTAXES, Settings
 from .spool import Spool, valid_uid
-from .store import Instance, ReceivedInstance, Recorded, SeriesConflict, Store, add_event, record_instance
+from .store import (
+    IMAGE_TYPE_LENGTH,
+    Instance,
+    ReceivedInstance,
+    Recorded,
+    SeriesConflict,
+    Store,
+    add_event,
+    instances_without_facts,
+    record_facts,
+    record_instance,
+)
 
 log = logging.getLogger("machaon.scp")
 
@@ -59,7 +75,7 @@ def _storage_sop_classes() -> list[str]:
     """pynetdicom's storage SOP classes, and those only pydicom's UID dictionary names: the retired
     ones (Ultrasound Image Storage (Retired), ...) that old archives still send, DICOS, DICONDE.
     pynetdicom serves the latter once registered with its storage service class."""
-    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+    classes: list[str] = [cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax]
     for uid, (_name, kind, _info, _retired, keyword) in UID_dictionary.items():
         if (kind == "SOP Class" and re.search(r"Storage(Trial|Retired)?$", keyword)
                 and uid != MediaStorageDirectoryStorage and uid_to_service_class(uid) is ServiceClass):
@@ -75,14 +91,15 @@ _REJECTIONS = {1: "rejected by machaon", 2: "no reason given", 3: "SOP class not
                4: "no transfer syntax machaon accepts"}
 
 _UID_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
-# What the row records and what planning and preprocessing read later. A value among these that
-# is not what its VR says (a number that is no number, a date that is no date) is recorded as
-# absent and named in an instance.invalid_values event; the file is still kept as received.
+# What the rows record (the rules match on them: planning reads no file) and what preprocessing
+# reads later. A value among these that is not what its VR says (a number that is no number, a date
+# that is no date) is recorded as absent and named in an instance.invalid_values event; the file is
+# still kept as received.
 _VALUE_TAGS = [
     "Modality", "PatientID", "PatientName", "AccessionNumber", "StudyDate", "StudyDescription",
-    "SeriesDate", "SeriesNumber", "SeriesDescription", "InstanceNumber", "NumberOfFrames",
-    "ImagesInAcquisition", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient",
-    "PixelSpacing", "SliceThickness",
+    "SeriesDate", "SeriesNumber", "SeriesDescription", "ProtocolName", "BodyPartExamined", "ImageType",
+    "InstanceNumber", "NumberOfFrames", "ImagesInAcquisition", "Rows", "Columns", "ImagePositionPatient",
+    "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
 ]
 _HEADER_TAGS = ["SpecificCharacterSet", *_UID_TAGS, *_VALUE_TAGS]  # the character set decodes names
 
@@ -142,7 +159,7 @@ class StorageSCP:
         # pynetdicom writes incoming datasets with NamedTemporaryFile; putting
         # them on the spool's file system makes the final rename atomic.
         tempfile.tempdir = str(self.spool.incoming)
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
@@ -185,6 +202,7 @@ class StorageSCP:
         proposed. The acceptor's supported contexts are a per-association copy, settable until
         negotiation starts."""
         request = event.assoc.requestor.primitive
+        assert request is not None  # pynetdicom keeps the A-ASSOCIATE-RQ before it triggers EVT_REQUESTED
         sender = self.settings.dicom.senders.get(request.calling_ae_title.strip())
         acceptor = event.assoc.acceptor
         acceptor.supported_contexts = _in_preferred_order(
@@ -204,14 +222,15 @@ class StorageSCP:
         if stats and stats.protocol_error:  # aborted already: drop whatever still comes
             event.pdu.presentation_data_value_items = []
             return
-        accepted = stats.accepted if stats else {cx.context_id for cx in event.assoc.accepted_contexts}
-        used = {item.presentation_context_id for item in event.pdu.presentation_data_value_items}
+        accepted = stats.accepted if stats else frozenset(_by_id(event.assoc.accepted_contexts))
+        used = {item.presentation_context_id for item in event.pdu.presentation_data_value_items
+                if item.presentation_context_id is not None}  # each item decoded has one
         stray = sorted(used - accepted)
         if not stray:
             return
         event.pdu.presentation_data_value_items = []
         requestor = event.assoc.requestor
-        offered = {cx.context_id: cx for cx in requestor.primitive.presentation_context_definition_list}
+        offered = _offered(event.assoc)
         if stats:
             stats.protocol_error = True
             stats.failed += 1
@@ -226,13 +245,15 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> Dataset:
         stats = self._associations.get(id(event.assoc))
         calling_ae = event.assoc.requestor.ae_title
+        request = event.request
+        assert isinstance(request, C_STORE)  # what EVT_C_STORE carries
         try:
             inst = self._keep(event, calling_ae)
         except Refused as exc:
             if stats:
                 stats.failed += 1
             log.warning("C-STORE from %s refused (0x%04X): %s (%s in %s)", calling_ae, exc.status, exc,
-                        event.request.AffectedSOPInstanceUID, UID(event.context.transfer_syntax).name)
+                        request.AffectedSOPInstanceUID, UID(event.context.transfer_syntax).name)
             return _status(exc.status, str(exc))
         if stats:
             with self._associations_lock:
@@ -333,16 +354,17 @@ class StorageSCP:
     def _on_established(self, event: evt.Event) -> None:
         assoc = event.assoc
         requestor = assoc.requestor
-        offered = {cx.context_id: cx for cx in requestor.primitive.presentation_context_definition_list}
+        offered = _offered(assoc)
         stats = _AssociationLog(requestor.ae_title, f"{requestor.address}:{requestor.port}",
-                                frozenset(cx.context_id for cx in assoc.accepted_contexts), offered)
+                                frozenset(_by_id(assoc.accepted_contexts)), offered)
         with self._associations_lock:
             self._associations[id(assoc)] = stats
         if assoc.rejected_contexts:
             log.warning("association from %s (%s): %d presentation context(s) rejected: %s",
                         stats.calling_ae, stats.peer, len(assoc.rejected_contexts), "; ".join(
-                            f"{_describe_context(offered[cx.context_id])}: {_REJECTIONS[cx.result]}"
-                            for cx in assoc.rejected_contexts))
+                            f"{_describe_context(offered[cx_id])}: {_REJECTIONS[cx.result]}"
+                            for cx_id, cx in _by_id(assoc.rejected_contexts).items()
+                            if cx.result is not None))  # each rejected context has its result
 
     def _on_end(self, event: evt.Event) -> None:
         stats = self._associations.get(id(event.assoc))
@@ -382,19 +404,33 @@ def _in_preferred_order(supported: list[PresentationContext], proposed: list[Pre
     the order of the first.)"""
     orders: dict[str, list[str]] = {}
     for cx in proposed:
-        orders.setdefault(cx.abstract_syntax, list(preferred)).extend(cx.transfer_syntax)
+        if cx.abstract_syntax:  # a context without one matches none of ours
+            orders.setdefault(cx.abstract_syntax, list(preferred)).extend(cx.transfer_syntax)
     contexts = []
     for cx in supported:
         if cx.abstract_syntax in orders:
             rank = {ts: i for i, ts in enumerate(dict.fromkeys(orders[cx.abstract_syntax]))}
-            cx.transfer_syntax = sorted(cx.transfer_syntax, key=lambda ts: rank.get(ts, len(rank)))
+            cx.transfer_syntax = sorted(cx.transfer_syntax, key=lambda ts: rank.get(str(ts), len(rank)))
             contexts.append(cx)
     return contexts
 
 
+def _offered(assoc: Association) -> dict[int, PresentationContext]:
+    """The presentation contexts the sender proposed, by ID; none until its A-ASSOCIATE-RQ is read."""
+    request = assoc.requestor.primitive
+    return _by_id(request.presentation_context_definition_list) if request else {}
+
+
+def _by_id(contexts: list[PresentationContext]) -> dict[int, PresentationContext]:
+    """Contexts by ID. pynetdicom types the ID optional (a context being built has none yet);
+    those proposed, accepted and rejected in a negotiation all have theirs."""
+    return {cx.context_id: cx for cx in contexts if cx.context_id is not None}
+
+
 def _describe_context(cx: PresentationContext) -> str:
     """'CT Image Storage offered JPEG Lossless, Explicit VR Big Endian', for the log."""
-    return f"{UID(cx.abstract_syntax).name} offered {', '.join(UID(ts).name for ts in cx.transfer_syntax)}"
+    what = cx.abstract_syntax.name if cx.abstract_syntax else "no abstract syntax"
+    return f"{what} offered {', '.join(UID(ts).name for ts in cx.transfer_syntax)}"
 
 
 def _refusal(exc: Exception, inst: ReceivedInstance) -> Refused:
@@ -505,6 +541,25 @@ def _number(header: Dataset, keyword: str) -> int | None:
     return None if value in (None, "") else int(value)
 
 
+def _frames(header: Dataset) -> int:
+    frames = _number(header, "NumberOfFrames")
+    return 1 if frames is None else frames
+
+
+def _values(header: Dataset, keyword: str, limit: int) -> str | None:
+    """A multi-valued text element's values joined by a backslash, as many whole values as fit."""
+    value = header.get(keyword)
+    if value in (None, ""):
+        return None
+    joined = ""
+    for v in [value] if isinstance(value, str) else value:
+        more = str(v).replace("\x00", "")
+        if len(joined) + len(more) + bool(joined) > limit:
+            break
+        joined = f"{joined}\\{more}" if joined else more
+    return joined or None
+
+
 def _received(header: Dataset, transfer_syntax: str, relative: str, size: int,
               calling_ae: str) -> ReceivedInstance:
     return ReceivedInstance(
@@ -518,5 +573,40 @@ def _received(header: Dataset, transfer_syntax: str, relative: str, size: int,
         study_description=_text(header, "StudyDescription", 64),
         modality=_text(header, "Modality", 16), series_number=_number(header, "SeriesNumber"),
         series_description=_text(header, "SeriesDescription", 64),
+        protocol_name=_text(header, "ProtocolName", 64), body_part=_text(header, "BodyPartExamined", 16),
+        image_type=_values(header, "ImageType", IMAGE_TYPE_LENGTH),
         instance_number=_number(header, "InstanceNumber"),
+        frames=_frames(header),
+        rows=_number(header, "Rows"), columns=_number(header, "Columns"),
     )
+
+
+def record_missing_facts(engine: Engine, spool: Spool, batch: int = 500) -> tuple[int, list[str]]:
+    """Record the header facts of kept instances whose rows have none (rows from before revision
+    0004), reading each file's header as ingest does. Returns how many were recorded, and a line
+    for each file that could not be read: its row keeps no facts and planning names it on its study.
+    `machaon db upgrade` runs this; running it again tries those files again."""
+    recorded, unreadable, after = 0, [], 0
+    while True:
+        with engine.connect() as conn:
+            todo = instances_without_facts(conn, after, batch)
+        facts = []  # the files are read outside the write transaction
+        for instance_id, series_id, relative in todo:
+            try:
+                with spool.path(relative).open("rb"):
+                    pass
+                header, _invalid = _read_header(spool.path(relative))
+            except OSError as exc:
+                unreadable.append(f"{relative}: {exc.strerror or exc}")
+                continue
+            except Refused as exc:
+                unreadable.append(f"{relative}: {exc}")
+                continue
+            facts.append((instance_id, series_id, _received(header, "", relative, 0, "")))
+        with engine.begin() as conn:
+            for instance_id, series_id, inst in facts:
+                record_facts(conn, instance_id, series_id, inst)
+        recorded += len(facts)
+        if len(todo) < batch:
+            return recorded, unreadable
+        after = todo[-1][0]

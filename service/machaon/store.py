@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -86,6 +87,10 @@ class Base(DeclarativeBase):
     pass
 
 
+# series.image_type: Image Type's values, joined by a backslash, as many whole values as fit.
+IMAGE_TYPE_LENGTH = 256
+
+
 class Study(Base):
     __tablename__ = "studies"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -118,6 +123,10 @@ class SeriesRow(Base):
     modality: Mapped[str | None] = mapped_column(String(16))
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str | None] = mapped_column(String(64))
+    # What the rules match on besides the above, recorded at ingest so that planning reads no file.
+    protocol_name: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(16))
+    image_type: Mapped[str | None] = mapped_column(String(IMAGE_TYPE_LENGTH))  # values joined by "\\"
     status: Mapped[str] = mapped_column(String(16), index=True)
     first_received_at: Mapped[datetime] = mapped_column(DateTime)
     last_received_at: Mapped[datetime] = mapped_column(DateTime)
@@ -134,6 +143,12 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     instance_number: Mapped[int | None] = mapped_column(Integer)
+    # The images it holds: its NumberOfFrames, else 1. NULL: its header facts (these three and its
+    # series') were never recorded: a row kept before revision 0004 whose file `machaon db upgrade`
+    # could not read.
+    frames: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
     # Relative to the spool folder.
     path: Mapped[str] = mapped_column(String(300))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -150,6 +165,9 @@ class Job(Base):
     series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
     model: Mapped[str] = mapped_column(String(64))
     rule: Mapped[str | None] = mapped_column(String(64))
+    # Where its results go (a JSON list), as the rule said when the job was planned. NULL for a job
+    # planned before revision 0004: its rule, looked up by name when the job runs, says.
+    destinations: Mapped[str | None] = mapped_column(Text)
     # The study's completion this job was planned for: a reopened study gets new jobs.
     generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -263,6 +281,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     # any transaction, or SQLite ignores it) and are checked afterwards.
     with engine.connect() as conn:
         raw = conn.connection.driver_connection
+        assert raw is not None  # an open connection has its sqlite3 connection
         raw.execute("PRAGMA foreign_keys=OFF")
         try:
             command.upgrade(_alembic_config(conn), "head")
@@ -275,8 +294,9 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
 
 
 def head_revision() -> str:
-    script = ScriptDirectory.from_config(_alembic_config(None))  # type: ignore[arg-type]
-    return script.get_current_head()
+    head = ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+    assert head is not None  # machaon/migrations holds the revisions, one of them the head
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -333,7 +353,13 @@ class ReceivedInstance:
     modality: str | None = None
     series_number: int | None = None
     series_description: str | None = None
+    protocol_name: str | None = None
+    body_part: str | None = None
+    image_type: str | None = None  # the values joined by a backslash
     instance_number: int | None = None
+    frames: int = 1  # NumberOfFrames, else 1
+    rows: int | None = None
+    columns: int | None = None
 
 
 class SeriesConflict(Exception):
@@ -371,8 +397,7 @@ def _ingest_statements(dialect: str) -> SimpleNamespace:
         new_series=_insert(dialect, SeriesRow).on_conflict_do_nothing(index_elements=["series_uid"]),
         touch_series=update(SeriesRow).where(SeriesRow.series_uid == bindparam("uid")).values(
             status=StudyStatus.RECEIVING, completed_at=None, last_received_at=bindparam("now"),
-            **{c.key: keep(c) for c in (SeriesRow.modality, SeriesRow.series_number,
-                                        SeriesRow.series_description)},
+            **{c.key: keep(c) for c in _SERIES_FACTS},
         ).returning(SeriesRow.id, SeriesRow.study_id),
         instance_path=select(Instance.path).where(Instance.sop_instance_uid == bindparam("uid")),
         upsert_instance=_upsert_instance(dialect),
@@ -390,7 +415,10 @@ def _upsert_instance(dialect: str):
 
 
 _INSTANCE_UPDATED = ("series_id", "sop_class_uid", "transfer_syntax_uid", "instance_number",
-                     "path", "size_bytes", "calling_ae", "received_at")
+                     "frames", "rows", "columns", "path", "size_bytes", "calling_ae", "received_at")
+# What a series' instances say about it: a new non-empty value wins at ingest.
+_SERIES_FACTS = (SeriesRow.modality, SeriesRow.series_number, SeriesRow.series_description,
+                 SeriesRow.protocol_name, SeriesRow.body_part, SeriesRow.image_type)
 
 
 def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Recorded:
@@ -414,17 +442,16 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
                                     status=StudyStatus.RECEIVING, first_received_at=now,
                                     last_received_at=now))
     series_id, series_study_id = conn.execute(q.touch_series, dict(
-        uid=inst.series_uid, now=now, new_modality=inst.modality,
-        new_series_number=inst.series_number,
-        new_series_description=inst.series_description)).one()
+        uid=inst.series_uid, now=now, **_new_series_facts(inst))).one()
     if series_study_id != study_id:
         raise SeriesConflict(inst.series_uid)
     previous = conn.execute(q.instance_path, dict(uid=inst.sop_instance_uid)).scalar_one_or_none()
     conn.execute(q.upsert_instance, dict(
         series_id=series_id, sop_instance_uid=inst.sop_instance_uid,
         sop_class_uid=inst.sop_class_uid, transfer_syntax_uid=inst.transfer_syntax_uid,
-        instance_number=inst.instance_number, path=inst.path, size_bytes=inst.size_bytes,
-        calling_ae=inst.calling_ae, received_at=now, receive_count=1))
+        instance_number=inst.instance_number, frames=inst.frames, rows=inst.rows, columns=inst.columns,
+        path=inst.path, size_bytes=inst.size_bytes, calling_ae=inst.calling_ae, received_at=now,
+        receive_count=1))
     if created:
         add_event(conn, actor, "study.received", inst.study_uid)
     elif reopened:
@@ -433,6 +460,29 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
         replaced_path=previous if previous not in (None, inst.path) else None,
         replaced=previous is not None, study_reopened=reopened,
     )
+
+
+def _new_series_facts(inst: ReceivedInstance) -> dict:
+    return {f"new_{c.key}": getattr(inst, c.key) for c in _SERIES_FACTS}
+
+
+# --- header facts of rows kept before they were recorded at ingest (revision 0004) ---------
+
+def instances_without_facts(conn: Connection, after_id: int, limit: int) -> list[tuple[int, int, str]]:
+    """(id, series id, spool path) of up to `limit` instances past `after_id` whose header facts
+    were never recorded, in the order they were received."""
+    return [(row.id, row.series_id, row.path) for row in conn.execute(
+        select(Instance.id, Instance.series_id, Instance.path)
+        .where(Instance.frames.is_(None), Instance.id > after_id).order_by(Instance.id).limit(limit))]
+
+
+def record_facts(conn: Connection, instance_id: int, series_id: int, inst: ReceivedInstance) -> None:
+    """Record the header facts read from a kept instance's file (caller commits). Its series keeps
+    the facts it has; those it lacks come from the first of its instances that has them."""
+    conn.execute(update(Instance).where(Instance.id == instance_id).values(
+        frames=inst.frames, rows=inst.rows, columns=inst.columns))
+    conn.execute(update(SeriesRow).where(SeriesRow.id == series_id).values(
+        **{c.key: func.coalesce(c, getattr(inst, c.key)) for c in _SERIES_FACTS}))
 
 
 # --- queries for operators ------------------------------------------------------------
@@ -486,6 +536,7 @@ def _jobs(session: Session, study_id: int) -> list[dict]:
                            .where(Job.study_id == study_id).order_by(Job.id)).all()
     return [{
         "id": job.id, "model": job.model, "rule": job.rule, "series_uid": series_uid,
+        "destinations": None if job.destinations is None else json.loads(job.destinations),
         "generation": job.generation, "status": job.status, "attempts": job.attempts, "error": job.error,
         "superseded_by": job.superseded_by, "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
@@ -512,7 +563,7 @@ def show_study(session: Session, study_uid: str) -> dict | None:
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
     if study is None:
         return None
-    series = []
+    series: list[dict[str, Any]] = []
     for s in study.series:
         series.append({
             "series_uid": s.series_uid, "modality": s.modality, "series_number": s.series_number,

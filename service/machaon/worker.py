@@ -10,6 +10,7 @@ with a reason, and the next job runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -60,7 +61,7 @@ def claim_job(store: Store, owner: str, lease_s: float) -> int | None:
         if job is None:
             return None
         if job.status == JobStatus.RUNNING:  # its worker stopped renewing: crashed, killed or cut off
-            study_uid = session.get(Study, job.study_id).study_uid
+            study_uid = session.get_one(Study, job.study_id).study_uid  # the job's lock keeps its study
             add_event(session, owner, "job.lease_expired", study_uid, job=job.id, model=job.model,
                       previous_owner=job.lease_owner, attempt=job.attempts + 1)
             log.warning("job %d: the lease of %s ran out; running it again (attempt %d)",
@@ -132,8 +133,13 @@ class Runner:
         """Run one job to its end; True when it queued deliveries."""
         with self.store.read_session() as session:
             job = session.get(Job, job_id)
-            series_row = session.get(SeriesRow, job.series_id)
-            study_uid, model, rule_name = series_row.study.study_uid, job.model, job.rule
+            series_row = session.get(SeriesRow, job.series_id) if job and job.series_id is not None else None
+            if job is None or series_row is None:
+                # Deleted with its study since it was claimed, or a job from before jobs were
+                # planned per series (revision 0002): there is nothing to run it on.
+                raise JobError("its series is not in the store")
+            study_uid, model = series_row.study.study_uid, job.model
+            destinations = self._destinations(job)
             # Oldest received first: of two copies of one image, the newest is kept.
             received = sorted(series_row.instances, key=lambda i: (i.received_at, i.id))
             paths = [self.spool.path(i.path) for i in received]
@@ -150,7 +156,6 @@ class Runner:
         clock.lap("inference")
         datasets = results_for(series, outputs, package.manifest)
         clock.lap("encode_results")
-        destinations = next((r.destinations for r in self.settings.rules if r.name == rule_name), [])
         kept = []
         for kind, ds in datasets:
             relative = self.spool.result_path(study_uid, ds.SeriesInstanceUID, ds.SOPInstanceUID)
@@ -161,6 +166,17 @@ class Runner:
             log.warning("job %d: %s", job_id, "; ".join(series.dropped))
         return self._succeed(job_id, study_uid, kept, destinations, clock.laps, series.dropped)
 
+    def _destinations(self, job: Job) -> list[str]:
+        """Where the job's results go: what its rule said when the job was planned. A job planned
+        before destinations were kept with it (revision 0004) asks its rule as configured now."""
+        if job.destinations is not None:
+            return list(json.loads(job.destinations))
+        rule = next((r for r in self.settings.rules if r.name == job.rule), None)
+        if rule is None:
+            log.warning("job %d: its rule %r is no longer configured; its results go nowhere",
+                        job.id, job.rule)
+        return rule.destinations if rule else []
+
     def _succeed(self, job_id: int, study_uid: str, kept: list, destinations: list[str],
                  seconds: dict[str, float], dropped: list[str]) -> bool:
         now = utcnow()
@@ -168,8 +184,11 @@ class Runner:
             # The study's row first: the jobs that make the same objects are all of this study, so
             # one at a time sees which objects are already on their way (each is sent once).
             study_id = session.scalar(select(Job.study_id).where(Job.id == job_id))
-            session.get(Study, study_id, with_for_update=True)
-            job = session.get(Job, job_id, with_for_update=True)
+            if study_id is None or session.get(Study, study_id, with_for_update=True) is None:
+                log.warning("job %d: its study was deleted while it ran; its results are not recorded",
+                            job_id)
+                return False
+            job = session.get_one(Job, job_id, with_for_update=True)  # the study's lock keeps it
             if job.status != JobStatus.RUNNING or job.lease_owner != self.owner:
                 log.warning("job %d was taken over while it ran; its results are left to the new run", job_id)
                 return False
@@ -196,8 +215,11 @@ class Runner:
     def _fail(self, job_id: int, reason: str) -> None:
         with self.store.session.begin() as session:
             job = session.get(Job, job_id, with_for_update=True)
+            if job is None:  # deleted with its study while it ran
+                log.warning("job %d: its study was deleted while it ran (%s)", job_id, reason)
+                return
             job.status, job.error, job.finished_at, job.lease_owner = JobStatus.FAILED, reason, utcnow(), None
-            study_uid = session.get(Study, job.study_id).study_uid
+            study_uid = session.get_one(Study, job.study_id).study_uid  # the job's lock keeps its study
             add_event(session, self.owner, "job.failed", study_uid, job=job_id, model=job.model, error=reason)
         log.warning("job %d (%s) failed: %s", job_id, job.model, reason)
 
