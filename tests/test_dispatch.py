@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from machaon.config import Settings
-from machaon.dispatch import Dispatcher, run_dispatch
+from machaon.dispatch import Dispatcher
 from machaon.senders import TYPES, sender_for
 from machaon.spool import Spool
 from machaon.store import (
@@ -96,13 +96,14 @@ def test_results_are_written_to_a_folder_once(store, spool, tmp_path):
     datasets = results_for(store, spool, "out", count=3)
     config = settings(out={"type": "folder", "path": str(out)})
 
-    started = run_dispatch(config, store, spool, wait=True)
+    dispatcher = Dispatcher(config, store, spool)
+    started = dispatcher.run(wait=True)
     assert started["out"].result() == 3
     assert all(written(out, ds).is_file() for ds in datasets)
     assert {(d.status, d.attempts, d.last_error) for d in deliveries(store, "out")} == {("sent", 1, None)}
     assert len(events(store, "result.sent")) == 3
 
-    assert run_dispatch(config, store, spool, wait=True) == {}  # nothing is sent twice
+    assert dispatcher.run(wait=True) == {}  # nothing is sent twice
 
 
 def test_a_folder_that_cannot_be_written_keeps_its_results_pending_with_a_backoff(store, spool, tmp_path):
@@ -110,20 +111,20 @@ def test_a_folder_that_cannot_be_written_keeps_its_results_pending_with_a_backof
     results_for(store, spool, "out")
     config = settings(out={"type": "folder", "path": str(tmp_path / "not-a-folder")})
 
-    before = utcnow()
-    assert run_dispatch(config, store, spool, wait=True)["out"].result() == 0
+    before, dispatcher = utcnow(), Dispatcher(config, store, spool)
+    assert dispatcher.run(wait=True)["out"].result() == 0
     for delivery in deliveries(store, "out"):
         assert delivery.status == "pending" and delivery.attempts == 1
         assert delivery.last_error.startswith(f"cannot write {tmp_path / 'not-a-folder'}/")
         assert delivery.next_attempt_at >= before + timedelta(seconds=60)  # dispatch.retry_initial
     [failed, _] = events(store, "result.send_failed")
     assert '"attempt": 1' in failed.detail and '"retry_in_s": 60' in failed.detail
-    assert run_dispatch(config, store, spool, wait=True) == {}  # not due again before the backoff
+    assert dispatcher.run(wait=True) == {}  # not due again before the backoff
 
 
 def test_results_for_a_destination_no_longer_configured_wait_for_it(store, spool):
     results_for(store, spool, "gone")
-    run_dispatch(settings(), store, spool, wait=True)
+    Dispatcher(settings(), store, spool).run(wait=True)
     for delivery in deliveries(store, "gone"):
         assert delivery.status == "pending" and delivery.attempts == 1
         assert "destination 'gone' is no longer configured" in delivery.last_error
@@ -133,7 +134,7 @@ def test_a_pacs_on_a_closed_port_is_named_with_the_reason(store, spool):
     port = free_port()
     results_for(store, spool, "pacs")
     config = settings(pacs={"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "timeout": 2})
-    run_dispatch(config, store, spool, wait=True)
+    Dispatcher(config, store, spool).run(wait=True)
     for delivery in deliveries(store, "pacs"):
         assert delivery.status == "pending" and delivery.attempts == 1
         assert delivery.last_error.startswith(f"PACS@127.0.0.1:{port}: association failed: could not be reached "
@@ -164,10 +165,11 @@ def test_a_pacs_that_never_answers_does_not_hold_up_the_other_destinations(store
     config = settings(out={"type": "folder", "path": str(out)},
                       hung={"type": "dicom", "ae_title": "HUNG", "host": "127.0.0.1", "port": silent_peer,
                             "timeout": 2})
-    started = run_dispatch(config, store, spool)
+    dispatcher = Dispatcher(config, store, spool)
+    started = dispatcher.run()
     assert started["out"].result(timeout=60) == 2
     assert all(written(out, ds).is_file() for ds in datasets)
-    assert run_dispatch(config, store, spool) == {}  # the hung send is not started a second time
+    assert dispatcher.run() == {}  # the hung send is not started a second time
 
     assert started["hung"].result(timeout=60) == 0
     for delivery in deliveries(store, "hung"):
@@ -182,15 +184,15 @@ def test_stopping_waits_for_the_sends_in_flight_and_starts_no_more(store, spool,
     results_for(store, spool, "hung")
     config = settings(hung={"type": "dicom", "ae_title": "HUNG", "host": "127.0.0.1", "port": silent_peer,
                             "timeout": 1})
-    dispatcher = Dispatcher()
-    started = dispatcher.run(config, store, spool)
+    dispatcher = Dispatcher(config, store, spool)
+    started = dispatcher.run()
     assert dispatcher.stop(timeout=60) == []  # none left behind
     assert started["hung"].done()
     assert all(d.attempts == 1 for d in deliveries(store, "hung"))  # its outcome was recorded
     for delivery in deliveries(store, "hung"):
         with store.session.begin() as session:  # due again
             session.get(Delivery, delivery.id).next_attempt_at = utcnow()
-    assert dispatcher.run(config, store, spool) == {}
+    assert dispatcher.run() == {}
 
 
 def test_a_dicomweb_server_that_is_down_costs_one_attempt(store, spool):
@@ -208,7 +210,7 @@ def test_a_dicomweb_server_that_is_down_costs_one_attempt(store, spool):
         threading.Thread(target=refuse, daemon=True).start()
         results_for(store, spool, "web")
         config = settings(web={"type": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web", "timeout": 2})
-        run_dispatch(config, store, spool, wait=True)
+        Dispatcher(config, store, spool).run(wait=True)
     assert len(connections) == 1  # not retried by the HTTP client: the dispatcher's backoff decides
     for delivery in deliveries(store, "web"):
         assert delivery.status == "pending" and delivery.attempts == 1

@@ -148,6 +148,9 @@ def _db_upgrade(settings: Settings, _args) -> None:
         if missing:  # rows kept before header facts were recorded at ingest: read from the spool
             from .scp import record_missing_facts
             from .spool import Spool
+            if not (settings.spool.path / "studies").is_dir():
+                raise settings.error("spool.path", f"{settings.spool.path} holds no studies/ folder, yet "
+                                     "the job store has instances kept there: is this their spool?")
             recorded, unreadable = record_missing_facts(engine, Spool(settings.spool.path))
     except sqlalchemy.exc.OperationalError as exc:
         raise settings.error("database.url", f"cannot use the database: {exc.orig}") from None

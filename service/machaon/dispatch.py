@@ -31,7 +31,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from .config import DispatchSettings, Settings
-from .senders import Outgoing, SendError, sender_for
+from .senders import Destination, Outgoing, SendError, sender_for
 from .spool import Spool
 from .store import Delivery, DeliveryStatus, Job, Result, Store, Study, add_event, utcnow
 
@@ -42,15 +42,16 @@ PER_ASSOCIATION = 50
 
 
 class Dispatcher:
-    """The sends in flight: at most one per destination, each in a thread of its own."""
+    """The sends in flight: at most one per destination, each in a thread of its own. `run` is
+    called every `dispatch.check_every` seconds (and at once when a job has new results)."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings, store: Store, spool: Spool) -> None:
+        self.settings, self.store, self.spool = settings, store, spool
         self._starting = threading.Lock()  # one round of starts at a time
         self._in_flight: dict[str, Future[int]] = {}
         self._stopping = threading.Event()
 
-    def run(self, settings: Settings, store: Store, spool: Spool, *,
-            wait: bool = False) -> dict[str, Future[int]]:
+    def run(self, *, wait: bool = False) -> dict[str, Future[int]]:
         """Start sending the deliveries that are due, in a thread per destination, except at those
         whose previous send is still running (their turn comes at a later call). Returns the sends
         started, by destination; each future's result is how many results it sent. With `wait`,
@@ -62,12 +63,10 @@ class Dispatcher:
             # Destinations busy now are left out of this round even if they finish meanwhile: the
             # rows read below could be the ones they are sending.
             busy = {name for name, send in self._in_flight.items() if not send.done()}
-            for name, rows in _due(store).items():
-                if name in busy:
-                    log.debug("%s: the previous send is still running; %d result(s) wait for it",
-                              name, len(rows))
-                    continue
-                work = partial(_send_due, settings, store, spool, name, rows, self._stopping)
+            if busy:
+                log.debug("still sending to %s: their results wait for those sends", ", ".join(sorted(busy)))
+            for name, rows in _due(self.store, busy).items():
+                work = partial(_send_due, self.settings, self.store, self.spool, name, rows, self._stopping)
                 started[name] = self._in_flight[name] = _in_thread(f"dispatch {name}", work)
         if wait:
             wait_for(started.values())
@@ -91,20 +90,6 @@ class Dispatcher:
         return sorted(running)
 
 
-_dispatcher = Dispatcher()
-
-
-def run_dispatch(settings: Settings, store: Store, spool: Spool, *,
-                 wait: bool = False) -> dict[str, Future[int]]:
-    """The service's dispatcher: `Dispatcher.run` (the scheduler calls it every `dispatch.check_every`)."""
-    return _dispatcher.run(settings, store, spool, wait=wait)
-
-
-def stop_dispatch(timeout: float, hurry: threading.Event | None = None) -> list[str]:
-    """At shutdown, once the scheduler has stopped: `Dispatcher.stop` for the service's dispatcher."""
-    return _dispatcher.stop(timeout, hurry)
-
-
 def _in_thread(name: str, work: Callable[[], int]) -> Future[int]:
     """`work()` run in a daemon thread (a hung peer must not keep the process alive), as a future."""
     future: Future[int] = Future()
@@ -121,14 +106,15 @@ def _in_thread(name: str, work: Callable[[], int]) -> Future[int]:
     return future
 
 
-def _due(store: Store) -> dict[str, list[Any]]:
-    """The deliveries due now, by destination, oldest first."""
+def _due(store: Store, busy: set[str]) -> dict[str, list[Any]]:
+    """The deliveries due now, by destination, oldest first; none of the `busy` destinations'."""
     with store.read_session() as session:
         rows = session.execute(
             select(Delivery.id, Delivery.destination, Delivery.attempts, Result.path, Study.study_uid)
             .join(Result, Result.id == Delivery.result_id).join(Job, Job.id == Result.job_id)
             .join(Study, Study.id == Job.study_id)
-            .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow())
+            .where(Delivery.status == DeliveryStatus.PENDING, Delivery.next_attempt_at <= utcnow(),
+                   Delivery.destination.not_in(busy))
             .order_by(Delivery.id)
         ).all()
     by_destination: dict[str, list[Any]] = defaultdict(list)
@@ -153,7 +139,7 @@ def _send_due(settings: Settings, store: Store, spool: Spool, name: str, rows: S
     return sent
 
 
-def _send_batch(settings: Settings, store: Store, spool: Spool, destination: Any, name: str,
+def _send_batch(settings: Settings, store: Store, spool: Spool, destination: Destination, name: str,
                 rows: Sequence[Any]) -> int:
     """Send one batch (one association for a DICOM peer) and record each outcome; returns how many
     were sent."""
@@ -184,9 +170,7 @@ def _send_batch(settings: Settings, store: Store, spool: Spool, destination: Any
             why = f"unexpected error: {exc!r} (details in the service log)"
         _retry_later(store, settings.dispatch, name, [row for row, _ in ready[handled:]], why)
     finally:
-        close = getattr(outcomes, "close", None)  # a generator: its association is released
-        if close:
-            close()
+        outcomes.close()  # releases the association of a batch cut short
     return sent
 
 
@@ -206,6 +190,17 @@ def _retry_later(store: Store, policy: DispatchSettings, name: str, rows: Sequen
     """Record a failed attempt at each of `rows`, each retried after its own backoff; one log line."""
     if not rows:
         return
+    for i in range(0, len(rows), PER_ASSOCIATION):  # short transactions: ingest shares the store
+        _record_failures(store, policy, name, rows[i:i + PER_ASSOCIATION], error)
+    first = rows[0]
+    delay = min(policy.retry_initial * 2 ** first.attempts, policy.retry_max)
+    what = "" if len(rows) == 1 else f" for {len(rows)} results"
+    log.warning("sending to %s failed%s (attempt %d, next in %.0f s): %s", name, what, first.attempts + 1,
+                delay, error)
+
+
+def _record_failures(store: Store, policy: DispatchSettings, name: str, rows: Sequence[Any],
+                     error: str) -> None:
     with store.session.begin() as session:
         for row in rows:
             delay = min(policy.retry_initial * 2 ** row.attempts, policy.retry_max)
@@ -217,8 +212,3 @@ def _retry_later(store: Store, policy: DispatchSettings, name: str, rows: Sequen
             delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
             add_event(session, "dispatcher", "result.send_failed", row.study_uid, destination=name,
                       error=error, attempt=row.attempts + 1, retry_in_s=delay)
-    first = rows[0]
-    delay = min(policy.retry_initial * 2 ** first.attempts, policy.retry_max)
-    what = "" if len(rows) == 1 else f" for {len(rows)} results"
-    log.warning("sending to %s failed%s (attempt %d, next in %.0f s): %s", name, what, first.attempts + 1,
-                delay, error)

@@ -10,7 +10,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from .completion import next_due, run_completion
 from .config import Settings
-from .dispatch import run_dispatch
+from .dispatch import Dispatcher
 from .planner import plan_jobs
 from .spool import Spool
 from .store import Store
@@ -59,7 +59,7 @@ class Scheduler:
 
 def build_scheduler(settings: Settings, store: Store, spool: Spool,
                     studies_in_flight: Callable[[], Collection[str]],
-                    workers: Workers) -> Scheduler:
+                    workers: Workers, dispatcher: Dispatcher) -> Scheduler:
     scheduler = Scheduler()
 
     def complete_and_plan():
@@ -73,8 +73,7 @@ def build_scheduler(settings: Settings, store: Store, spool: Spool,
 
     aps = scheduler.aps
     aps.add_job(complete_and_plan, "interval", id="completion", seconds=settings.completion.check_every)
-    aps.add_job(run_dispatch, "interval", id="dispatch", seconds=settings.dispatch.check_every,
-                args=[settings, store, spool])
+    aps.add_job(dispatcher.run, "interval", id="dispatch", seconds=settings.dispatch.check_every)
     # A transfer being written touches its file with every PDU, and pynetdicom
     # drops an association silent for network_timeout: a file untouched for
     # twice that belongs to no live association.

@@ -593,16 +593,14 @@ def record_missing_facts(engine: Engine, spool: Spool, batch: int = 500) -> tupl
         facts = []  # the files are read outside the write transaction
         for instance_id, series_id, relative in todo:
             try:
-                with spool.path(relative).open("rb"):
+                with spool.path(relative).open("rb"):  # a missing file says so, not "not DICOM"
                     pass
                 header, _invalid = _read_header(spool.path(relative))
+                facts.append((instance_id, series_id, _received(header, "", relative, 0, "")))
             except OSError as exc:
                 unreadable.append(f"{relative}: {exc.strerror or exc}")
-                continue
-            except Refused as exc:
+            except Exception as exc:  # Refused, or a header pydicom cannot parse: this file, not the rest
                 unreadable.append(f"{relative}: {exc}")
-                continue
-            facts.append((instance_id, series_id, _received(header, "", relative, 0, "")))
         with engine.begin() as conn:
             for instance_id, series_id, inst in facts:
                 record_facts(conn, instance_id, series_id, inst)

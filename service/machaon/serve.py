@@ -11,7 +11,7 @@ import threading
 import time
 
 from .config import Settings
-from .dispatch import stop_dispatch
+from .dispatch import Dispatcher
 from .inference import OrtSessions
 from .scheduler import build_scheduler
 from .startup import check_models, check_tls, open_spool, open_store, reconcile_spool, start_listener
@@ -71,7 +71,8 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
                          name="reconcile", daemon=True).start()
         runner = Runner(settings, store, spool, OrtSessions(settings.inference.runtime_options()))
         workers = Workers(runner, settings.worker.threads)
-        scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight, workers)
+        dispatcher = Dispatcher(settings, store, spool)
+        scheduler = build_scheduler(settings, store, spool, scp.studies_in_flight, workers, dispatcher)
         # New results are sent at once rather than at the dispatcher's next tick.
         runner.on_results = lambda: scheduler.run_soon("dispatch")
         scheduler.start()
@@ -80,10 +81,12 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
             threading.Thread(target=on_ready, args=(stopping,), name="on-ready", daemon=True).start()
         while not stopping.wait(1):
             pass
+        # One grace period for everything in flight: transfers in, then sends out.
+        deadline = time.monotonic() + settings.dicom.shutdown_grace
         scp.stop(settings.dicom.shutdown_grace, hurry)
         scheduler.stop()
         workers.stop(hurry)
-        stop_dispatch(settings.dicom.shutdown_grace, hurry)
+        dispatcher.stop(max(deadline - time.monotonic(), 0), hurry)
     finally:
         store.dispose()
 

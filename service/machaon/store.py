@@ -479,7 +479,8 @@ def instances_without_facts(conn: Connection, after_id: int, limit: int) -> list
 def record_facts(conn: Connection, instance_id: int, series_id: int, inst: ReceivedInstance) -> None:
     """Record the header facts read from a kept instance's file (caller commits). Its series keeps
     the facts it has; those it lacks come from the first of its instances that has them."""
-    conn.execute(update(Instance).where(Instance.id == instance_id).values(
+    # Only a row still without facts: one received again meanwhile has its own, from its new file.
+    conn.execute(update(Instance).where(Instance.id == instance_id, Instance.frames.is_(None)).values(
         frames=inst.frames, rows=inst.rows, columns=inst.columns))
     conn.execute(update(SeriesRow).where(SeriesRow.id == series_id).values(
         **{c.key: func.coalesce(c, getattr(inst, c.key)) for c in _SERIES_FACTS}))

@@ -207,8 +207,8 @@ class Runner:
                                 for d in destinations if d not in known)
             job.status, job.finished_at, job.lease_owner = JobStatus.SUCCEEDED, now, None
             add_event(session, self.owner, "job.succeeded", study_uid, job=job_id, model=job.model,
-                      results=[ds.SOPInstanceUID for _, ds, _ in kept], seconds=seconds,
-                      dropped_copies=dropped or None)
+                      results=[ds.SOPInstanceUID for _, ds, _ in kept], destinations=destinations,
+                      seconds=seconds, dropped_copies=dropped or None)
         log.info("job %d (%s) succeeded: %s", job_id, job.model, ", ".join(k for k, _, _ in kept))
         return bool(destinations)
 

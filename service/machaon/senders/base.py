@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -46,12 +46,17 @@ class Outgoing:
     dataset: pydicom.Dataset
 
 
+# One per result, in order: None once the destination acknowledged it, else what it answered. A
+# generator, so that closing it early releases what it holds (an association).
+Outcomes = Generator[SendError | None, None, None]
+
+
 class Sender(Protocol):
     """Sends results to one destination. Made for each batch; `calling_ae` is machaon's AE title."""
 
     def __init__(self, destination: Any, *, calling_ae: str) -> None: ...
 
-    def send(self, results: Sequence[Outgoing]) -> Iterator[SendError | None]:
+    def send(self, results: Sequence[Outgoing]) -> Outcomes:
         """One outcome per result, in order; raises SendError when nothing more can be sent now."""
         ...
 

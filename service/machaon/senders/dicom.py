@@ -19,7 +19,7 @@ import pydicom
 from pydantic import AfterValidator, Field, model_validator
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
-from .base import DestinationSettings, Outgoing, SendError, SettingError, Table
+from .base import DestinationSettings, Outcomes, Outgoing, SendError, SettingError, Table
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -102,7 +102,7 @@ class DicomSender:
     def __init__(self, destination: DicomDestination, *, calling_ae: str):
         self.client = DicomClient.of(destination, calling_ae)
 
-    def send(self, results: Sequence[Outgoing]) -> Iterator[SendError | None]:
+    def send(self, results: Sequence[Outgoing]) -> Outcomes:
         datasets = [result.dataset for result in results]
         contexts = []
         for sop_class in dict.fromkeys(ds.SOPClassUID for ds in datasets):
@@ -144,8 +144,14 @@ class DicomClient:
             raise SendError(f"{self.where}: {exc}") from None
         connected: list[bool] = []  # tells "no network path" apart from "DICOM said no"
         answers: list[Any] = []  # pynetdicom only logs why an association was rejected
+        def opened(event: Any) -> None:
+            connected.append(True)
+            # pynetdicom clears the socket's timeout once connected, so a peer that stops reading
+            # would block a send for ever; with it, a stalled write fails within our timeout.
+            event.assoc.dul.socket.socket.settimeout(self.timeout)
+
         handlers: list[EventHandlerType] = [
-            (evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+            (evt.EVT_CONN_OPEN, opened),
             (evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))]
         try:
             assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls_args,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
 
-from .base import DestinationSettings, Outgoing, SendError
+from .base import DestinationSettings, Outcomes, Outgoing, SendError
 
 
 class DicomWebDestination(DestinationSettings):
@@ -28,7 +28,7 @@ class StowRsSender:
     def __init__(self, destination: DicomWebDestination, *, calling_ae: str):
         self.destination = destination
 
-    def send(self, results: Sequence[Outgoing]) -> Iterator[SendError | None]:
+    def send(self, results: Sequence[Outgoing]) -> Outcomes:
         import requests
         from dicomweb_client.api import DICOMwebClient
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from ..spool import copy_durably
-from .base import DestinationSettings, Outgoing, SendError
+from .base import DestinationSettings, Outcomes, Outgoing, SendError
 
 
 class FolderDestination(DestinationSettings):
@@ -23,7 +23,7 @@ class FolderSender:
     def __init__(self, destination: FolderDestination, *, calling_ae: str):
         self.destination = destination
 
-    def send(self, results: Sequence[Outgoing]) -> Iterator[SendError | None]:
+    def send(self, results: Sequence[Outgoing]) -> Outcomes:
         for result in results:
             ds = result.dataset
             target = (self.destination.path / ds.StudyInstanceUID / ds.SeriesInstanceUID
