@@ -52,10 +52,11 @@ def settings(**destinations) -> Settings:
                                     "dispatch": {"retry_initial": 60, "retry_max": 600}})
 
 
-def results_for(store: Store, spool: Spool, *destinations: str, count: int = 2) -> list:
-    """A succeeded job of a new study with `count` results in the spool, each due at `destinations`."""
+def results_for(store: Store, spool: Spool, *destinations: str, count: int = 2, size: int = 8) -> list:
+    """A succeeded job of a new study with `count` results of `size`² pixels in the spool, each due
+    at `destinations`."""
     study_uid, series_uid, now = generate_uid(), generate_uid(), utcnow()
-    datasets = [ct_slice(study_uid, series_uid, i, np.zeros((8, 8))) for i in range(count)]
+    datasets = [ct_slice(study_uid, series_uid, i, np.zeros((size, size))) for i in range(count)]
     with store.session.begin() as session:
         study = Study(study_uid=study_uid, status=StudyStatus.COMPLETE, first_received_at=now, opened_at=now,
                       last_received_at=now)
@@ -178,6 +179,45 @@ def test_a_pacs_that_never_answers_does_not_hold_up_the_other_destinations(store
                                        "association request within 2 s")
     # The folder's results were recorded as sent before the hung PACS gave up.
     assert max(e.id for e in events(store, "result.sent")) < min(e.id for e in events(store, "result.send_failed"))
+
+
+@pytest.fixture
+def stalled_pacs():
+    """A real DICOM node behind a relay that, once the association is accepted, stops reading what
+    machaon sends: a peer that hangs in the middle of a transfer."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE("STALL")
+    ae.add_supported_context(CTImageStorage)
+    node = ae.start_server(("127.0.0.1", 0), block=False)
+    node_port = node.socket.getsockname()[1]
+    relay, held = socket.create_server(("127.0.0.1", 0)), []
+
+    def serve_one():
+        client = relay.accept()[0]
+        upstream = socket.create_connection(("127.0.0.1", node_port))
+        held.extend([client, upstream])
+        upstream.sendall(client.recv(65536))  # the association request
+        client.sendall(upstream.recv(65536))  # its acceptance; from now on nothing is read
+    threading.Thread(target=serve_one, daemon=True).start()
+    yield relay.getsockname()[1]
+    for connection in held:
+        connection.close()
+    relay.close()
+    node.shutdown()
+
+
+def test_a_pacs_that_stops_reading_mid_transfer_fails_within_the_timeout(store, spool, stalled_pacs):
+    # 32 MB: more than the connection's buffers hold, so the send blocks once the peer stops reading.
+    results_for(store, spool, "stalled", count=1, size=4096)
+    config = settings(stalled={"type": "dicom", "ae_title": "STALL", "host": "127.0.0.1", "port": stalled_pacs,
+                               "timeout": 2})
+    started = Dispatcher(config, store, spool).run()
+    assert started["stalled"].result(timeout=60) == 0
+    [delivery] = deliveries(store, "stalled")
+    assert delivery.status == "pending" and delivery.attempts == 1
+    assert delivery.last_error.startswith(f"STALL@127.0.0.1:{stalled_pacs}: "), delivery.last_error
 
 
 def test_stopping_waits_for_the_sends_in_flight_and_starts_no_more(store, spool, silent_peer):
