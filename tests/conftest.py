@@ -109,3 +109,12 @@ def orthanc(tmp_path):
     server = Orthanc(tmp_path / "orthanc")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def store(db_url):
+    """A job store (SQLAlchemy engine and sessions) on each backend, migrated and empty."""
+    from machaon.store import Store
+    store = Store(db_url)
+    yield store
+    store.dispose()

@@ -34,13 +34,6 @@ from tests.harness import free_port, run_machaon
 
 
 @pytest.fixture
-def store(db_url):
-    store = Store(db_url)
-    yield store
-    store.dispose()
-
-
-@pytest.fixture
 def spool(tmp_path):
     spool = Spool(tmp_path / "spool")
     spool.prepare()

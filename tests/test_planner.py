@@ -7,7 +7,6 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 from machaon.completion import complete_quiet_studies
 from machaon.config import load_settings
 from machaon.planner import plan_jobs, series_in_store
@@ -28,13 +27,6 @@ CHEST = Rule(name="chest", models=["chest-model"], destinations=["pacs", "archiv
              match=Match(modality=["CT"], protocol_name="thorax", body_part=["chest"], image_type=["axial"],
                          min_slices=3, min_size=8, max_size=16))
 MR = Rule(name="mr", models=["mr-model"], destinations=["pacs"], match=Match(modality=["MR"]))
-
-
-@pytest.fixture
-def store(db_url):
-    store = Store(db_url)
-    yield store
-    store.dispose()
 
 
 def instance(study: str, series: str, **facts) -> ReceivedInstance:

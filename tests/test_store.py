@@ -34,13 +34,6 @@ from sqlalchemy import inspect, select, text
 from tests.dicomgen import ct_slice
 
 
-@pytest.fixture
-def store(db_url):
-    store = Store(db_url)
-    yield store
-    store.dispose()
-
-
 def instance(study: str, series: str, sop: str | None = None, **extra) -> ReceivedInstance:
     sop = sop or generate_uid()
     return ReceivedInstance(
