@@ -52,22 +52,26 @@ def complete_quiet_studies(session: Session, quiet_s: float, force_after_s: floa
             | (Study.opened_at <= now - timedelta(seconds=force_after_s)),
         ).with_for_update(skip_locked=True)
     ).scalars().all()
-    done = []
-    for study in due:
-        forced = study.last_received_at > quiet_since or study.study_uid in in_flight
-        study.status, study.completed_at = StudyStatus.COMPLETE, now
-        study.completion_count += 1
-        if forced:
-            session.execute(update(SeriesRow)
-                            .where(SeriesRow.study_id == study.id, SeriesRow.status == StudyStatus.RECEIVING)
-                            .values(status=StudyStatus.COMPLETE, completed_at=now))
-        series_count, instance_count = _counts(session, study.id)
-        add_event(session, actor, "study.force_completed" if forced else "study.completed",
-                  study.study_uid, series=series_count, instances=instance_count,
-                  completion_count=study.completion_count)
-        done.append(Completed(study.study_uid, series_count, instance_count, forced,
-                              study.completion_count))
-    return done
+    return [complete_study(session, study, actor,
+                           forced=study.last_received_at > quiet_since or study.study_uid in in_flight)
+            for study in due]
+
+
+def complete_study(session: Session, study: Study, actor: str, forced: bool) -> Completed:
+    """Mark one receiving study, locked by the caller, complete; `forced`: before it went quiet
+    (its series still receiving are completed with it)."""
+    now = utcnow()
+    study.status, study.completed_at = StudyStatus.COMPLETE, now
+    study.completion_count += 1
+    if forced:
+        session.execute(update(SeriesRow)
+                        .where(SeriesRow.study_id == study.id, SeriesRow.status == StudyStatus.RECEIVING)
+                        .values(status=StudyStatus.COMPLETE, completed_at=now))
+    series_count, instance_count = _counts(session, study.id)
+    add_event(session, actor, "study.force_completed" if forced else "study.completed",
+              study.study_uid, series=series_count, instances=instance_count,
+              completion_count=study.completion_count)
+    return Completed(study.study_uid, series_count, instance_count, forced, study.completion_count)
 
 
 def _counts(session: Session, study_id: int) -> tuple[int, int]:

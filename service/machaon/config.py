@@ -128,12 +128,28 @@ class WorkerSettings(Table):
     # Copies of one image in a series (the same position and time under two SOP Instance UIDs):
     # "newest" keeps the copy received last and names the others; "fail" fails the job.
     duplicates: Literal["newest", "fail"] = "newest"
+    # A job that fails for a reason that may pass (the spool or the store briefly unavailable, an
+    # ONNX Runtime error), or whose worker stopped while running it, runs at most this many times;
+    # the backoff between attempts doubles from retry_initial up to retry_max seconds.
+    max_attempts: int = Field(3, ge=1)
+    retry_initial: float = Field(30, gt=0)
+    retry_max: float = Field(600, gt=0)
 
 
 class DispatchSettings(Table):
     check_every: float = Field(2, gt=0)
     retry_initial: float = Field(10, gt=0)  # seconds before the first retry; doubles each time
     retry_max: float = Field(600, gt=0)
+
+
+class ApiSettings(Table):
+    """The REST API, web page and metrics that `machaon serve` (or `machaon api`) serves."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # false: reading (lists, the page, not actions) needs no token, e.g. behind a proxy that signs in.
+    read_requires_token: bool = True
 
 
 class LogSettings(Table):
@@ -151,6 +167,7 @@ class Settings(Table):
     destinations: dict[str, Destination] = {}  # [destinations.NAME]: a type in senders.TYPES
     worker: WorkerSettings = WorkerSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
 
     # Where each key's value came from ("dicom.port" -> "/etc/machaon.toml"),

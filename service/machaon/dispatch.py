@@ -22,18 +22,31 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from . import metrics
 from .config import DispatchSettings, Settings
 from .senders import Destination, Outgoing, SendError, sender_for
 from .spool import Spool
-from .store import Delivery, DeliveryStatus, Job, Result, Store, Study, add_event, utcnow
+from .store import (
+    Delivery,
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    Result,
+    Store,
+    Study,
+    StudyStatus,
+    add_event,
+    utcnow,
+)
 
 log = logging.getLogger("machaon.dispatch")
 
@@ -50,6 +63,7 @@ class Dispatcher:
         self._starting = threading.Lock()  # one round of starts at a time
         self._in_flight: dict[str, Future[int]] = {}
         self._stopping = threading.Event()
+        metrics.destinations(settings.destinations)
 
     def run(self, *, wait: bool = False) -> dict[str, Future[int]]:
         """Start sending the deliveries that are due, in a thread per destination, except at those
@@ -179,17 +193,40 @@ def _mark_sent(store: Store, name: str, row: Any, sop_uid: str) -> None:
         delivery = session.get(Delivery, row.id, with_for_update=True)
         if delivery is None:  # its study was deleted meanwhile
             return
-        delivery.status, delivery.sent_at, delivery.last_error = DeliveryStatus.SENT, utcnow(), None
+        now = utcnow()
+        delivery.status, delivery.sent_at, delivery.last_error = DeliveryStatus.SENT, now, None
         delivery.attempts += 1
         add_event(session, "dispatcher", "result.sent", row.study_uid, destination=name,
                   sop_instance_uid=sop_uid)
+        last_received = _all_delivered(session, row.study_uid)
+    metrics.delivery_sent(name)
+    if last_received is not None:
+        metrics.study_delivered((now - last_received).total_seconds())
     log.info("sent %s to %s", sop_uid, name)
+
+
+def _all_delivered(session: Session, study_uid: str) -> datetime | None:
+    """When the study's last image was received, if this delivery was its last: the study is
+    complete, none of its jobs is still to run, and none of its results waits to be sent. Its row
+    is locked first, so that of two destinations finishing at once, one sees the other's send."""
+    study = session.execute(select(Study).where(Study.study_uid == study_uid).with_for_update()).scalar()
+    if study is None or study.status != StudyStatus.COMPLETE:
+        return None
+    unfinished = select(Job.id).where(Job.study_id == study.id,
+                                      Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    waiting = (select(Delivery.id).join(Result, Result.id == Delivery.result_id)
+               .join(Job, Job.id == Result.job_id)
+               .where(Job.study_id == study.id, Delivery.status == DeliveryStatus.PENDING))
+    if session.scalar(unfinished.limit(1)) is not None or session.scalar(waiting.limit(1)) is not None:
+        return None
+    return study.last_received_at
 
 
 def _retry_later(store: Store, policy: DispatchSettings, name: str, rows: Sequence[Any], error: str) -> None:
     """Record a failed attempt at each of `rows`, each retried after its own backoff; one log line."""
     if not rows:
         return
+    metrics.delivery_failed(name, len(rows))
     for i in range(0, len(rows), PER_ASSOCIATION):  # short transactions: ingest shares the store
         _record_failures(store, policy, name, rows[i:i + PER_ASSOCIATION], error)
     first = rows[0]

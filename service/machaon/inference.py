@@ -121,8 +121,16 @@ class OrtModel:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The model's first output for a batch already in its input layout, as float32."""
-        out = self.ort_session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return out.astype(np.float32, copy=False)
+        try:
+            out = self.ort_session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        except Exception as exc:  # ONNX Runtime's own exception types are not importable stably
+            raise InferenceError(f"ONNX Runtime failed running {self.package.name}: {exc}") from exc
+        return out[0].astype(np.float32, copy=False)
+
+
+class InferenceError(Exception):
+    """ONNX Runtime failed on a batch (out of memory, a provider error): it may pass, so the job is
+    tried again."""
 
 
 class OrtSessions:
@@ -144,3 +152,9 @@ class OrtSessions:
                              model.package.manifest.version, package.manifest.version)
                 model = self._models[key] = OrtModel(package, precision, self.options)
             return model
+
+    def loaded(self) -> dict[tuple[str, str], list[str]]:
+        """The providers each loaded session got, by (model, precision): what operators are shown."""
+        # No lock: get() holds it for the seconds a session takes to load, and copying the
+        # dict is atomic under the GIL.
+        return {key: list(model.providers) for key, model in dict(self._models).items()}

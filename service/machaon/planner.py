@@ -44,24 +44,35 @@ def plan_jobs(store: Store, rules: list[Rule]) -> int:
     return created
 
 
+def matched(session: Session, rules: list[Rule], study_id: int, study_uid: str
+            ) -> tuple[list[tuple[int, Rule, str]], list[str], int]:
+    """(series id, rule, model) for each job the rules give the study's series as received, a line
+    for each instance planning cannot read, and how many series there are."""
+    facts, problems = series_in_store(session, study_uid) or ([], [])
+    ids = dict(session.execute(select(SeriesRow.series_uid, SeriesRow.id)
+                               .where(SeriesRow.study_id == study_id)).all())
+    planned = [(ids[f.series_uid], rule, model) for f in facts if f.series_uid in ids
+               for rule in matching(rules, f) for model in rule.models]
+    return planned, problems, len(facts)
+
+
+def new_job(study_id: int, series_id: int, rule: Rule, model: str, generation: int) -> Job:
+    return Job(study_id=study_id, series_id=series_id, model=model, rule=rule.name,
+               destinations=json.dumps(rule.destinations), generation=generation,
+               status=JobStatus.QUEUED, priority=rule.priority, attempts=0, created_at=utcnow())
+
+
 def _plan_study(store: Store, rules: list[Rule], study_id: int, study_uid: str, generation: int) -> int:
     """Queue the jobs of one study completion; returns how many."""
     with store.read_session() as session:
-        facts, problems = series_in_store(session, study_uid) or ([], [])
-        ids = dict(session.execute(select(SeriesRow.series_uid, SeriesRow.id)
-                                   .where(SeriesRow.study_id == study_id)).all())
-    planned = [(ids[f.series_uid], rule, model) for f in facts if f.series_uid in ids
-               for rule in matching(rules, f) for model in rule.models]
+        planned, problems, series_count = matched(session, rules, study_id, study_uid)
     problem = "; ".join(problems) or None
     with store.session.begin() as session:
         study = session.get(Study, study_id, with_for_update=True)
         if (study is None or study.status != StudyStatus.COMPLETE or study.completion_count != generation
                 or study.planned_count >= generation):
             return 0  # deleted, reopened or planned meanwhile: the next pass sees it as it is now
-        jobs = [Job(study_id=study_id, series_id=series_id, model=model, rule=rule.name,
-                    destinations=json.dumps(rule.destinations), generation=generation,
-                    status=JobStatus.QUEUED, priority=rule.priority, attempts=0, created_at=utcnow())
-                for series_id, rule, model in planned]
+        jobs = [new_job(study_id, series_id, rule, model, generation) for series_id, rule, model in planned]
         session.add_all(jobs)
         session.flush()
         superseded = _supersede(session, jobs)
@@ -72,7 +83,7 @@ def _plan_study(store: Store, rules: list[Rule], study_id: int, study_uid: str, 
             add_event(session, "scheduler", "jobs.planned", study_uid, jobs=len(planned),
                       models=sorted({m for _, _, m in planned}), superseded=superseded or None)
         elif not problem:
-            add_event(session, "scheduler", "study.no_rule_matched", study_uid, series=len(facts))
+            add_event(session, "scheduler", "study.no_rule_matched", study_uid, series=series_count)
     if problem:
         log.warning("study %s: %s", study_uid, problem)
     if planned or not problem:

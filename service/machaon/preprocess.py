@@ -51,6 +51,11 @@ class PrepareError(Exception):
     """A series that cannot be made into model input; the message says why."""
 
 
+class SpoolUnreadable(PrepareError):
+    """A file that cannot be read from the spool now (removed, unmounted storage, an I/O error):
+    it may be back soon, so the job is tried again."""
+
+
 class IncompleteSeries(PrepareError):
     """A stack with images missing, most likely still on their way: the study is reopened, and its
     jobs planned again, when they arrive."""
@@ -139,8 +144,12 @@ def read_series(paths: list[Path], duplicates: Literal["newest", "fail"] = "newe
 def _read(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path)
-    except (OSError, InvalidDicomError) as exc:
-        raise PrepareError(f"cannot read {path} from the spool: {exc}; was it removed or damaged?") from None
+    except InvalidDicomError as exc:
+        raise PrepareError(f"{path} in the spool is not a readable DICOM file ({exc}): send the "
+                           "image again, then retry the job") from None
+    except OSError as exc:
+        raise SpoolUnreadable(f"cannot read {path} from the spool: {exc.strerror or exc}; "
+                              "was it removed, or its storage unmounted?") from None
 
 
 def _frames(ds: Dataset) -> list[Frame]:

@@ -43,6 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine, select
 
+from . import metrics
 from .config import TRANSFER_SYNTAXES, Settings
 from .spool import Spool, valid_uid
 from .store import (
@@ -105,11 +106,17 @@ _HEADER_TAGS = ["SpecificCharacterSet", *_UID_TAGS, *_VALUE_TAGS]  # the charact
 
 
 class Refused(Exception):
-    """A C-STORE that gets a failure status; the message goes back to the sender."""
+    """A C-STORE that gets a failure status; the message goes back to the sender. `kind` is the
+    reason's class in the metrics (metrics.REFUSAL_REASONS); by default the status says it."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, kind: str | None = None):
         super().__init__(reason)
         self.status = status
+        self.kind = kind or _REFUSAL_KINDS.get(status, "store_error")
+
+
+_REFUSAL_KINDS = {OUT_OF_RESOURCES: "out_of_resources", DOES_NOT_MATCH: "invalid",
+                  CANNOT_UNDERSTAND: "invalid", PROCESSING_FAILURE: "store_error"}
 
 
 @dataclass
@@ -234,6 +241,7 @@ class StorageSCP:
         if stats:
             stats.protocol_error = True
             stats.failed += 1
+        metrics.instance_refused("protocol_error")
         log.warning("association from %s (%s:%s): a message on presentation context %d (%s), which was "
                     "not accepted: aborting the association", requestor.ae_title, requestor.address,
                     requestor.port, stray[0],
@@ -252,9 +260,11 @@ class StorageSCP:
         except Refused as exc:
             if stats:
                 stats.failed += 1
+            metrics.instance_refused(exc.kind)
             log.warning("C-STORE from %s refused (0x%04X): %s (%s in %s)", calling_ae, exc.status, exc,
                         request.AffectedSOPInstanceUID, UID(event.context.transfer_syntax).name)
             return _status(exc.status, str(exc))
+        metrics.instance_received(inst.size_bytes)
         if stats:
             with self._associations_lock:
                 stats.stored += 1
@@ -273,7 +283,7 @@ class StorageSCP:
         try:
             room = self.spool.has_room()
         except OSError as exc:
-            raise Refused(PROCESSING_FAILURE, f"spool unusable: {exc.strerror}") from None
+            raise Refused(PROCESSING_FAILURE, f"spool unusable: {exc.strerror}", "spool_error") from None
         if not room:
             raise Refused(OUT_OF_RESOURCES,
                           f"less than {self.settings.spool.min_free_mb} MiB free in the spool; retry later")
@@ -286,8 +296,10 @@ class StorageSCP:
             try:
                 size = self.spool.keep(received, relative)
             except OSError as exc:
-                raise Refused(OUT_OF_RESOURCES if exc.errno == errno.ENOSPC else PROCESSING_FAILURE,
-                              f"spool write failed: {exc.strerror}") from None
+                full = exc.errno == errno.ENOSPC
+                raise Refused(OUT_OF_RESOURCES if full else PROCESSING_FAILURE,
+                              f"spool write failed: {exc.strerror}",
+                              "out_of_resources" if full else "spool_error") from None
             inst = _received(header, event.context.transfer_syntax, relative, size, calling_ae)
             try:
                 recorded = self._record(inst, invalid, f"dicom:{calling_ae}")
@@ -359,17 +371,28 @@ class StorageSCP:
                                 frozenset(_by_id(assoc.accepted_contexts)), offered)
         with self._associations_lock:
             self._associations[id(assoc)] = stats
-        if assoc.rejected_contexts:
+        # An association on which nothing can be sent is refused, whatever pynetdicom answered.
+        metrics.association("accepted" if stats.accepted else "rejected")
+        if not assoc.rejected_contexts:
+            return
+        rejections = "; ".join(f"{_describe_context(offered[cx_id])}: {_REJECTIONS[cx.result]}"
+                               for cx_id, cx in _by_id(assoc.rejected_contexts).items()
+                               if cx.result is not None)  # each rejected context has its result
+        if stats.accepted:
             log.warning("association from %s (%s): %d presentation context(s) rejected: %s",
-                        stats.calling_ae, stats.peer, len(assoc.rejected_contexts), "; ".join(
-                            f"{_describe_context(offered[cx_id])}: {_REJECTIONS[cx.result]}"
-                            for cx_id, cx in _by_id(assoc.rejected_contexts).items()
-                            if cx.result is not None))  # each rejected context has its result
+                        stats.calling_ae, stats.peer, len(assoc.rejected_contexts), rejections)
+        else:
+            log.warning("association from %s (%s) rejected: no presentation context acceptable (%s); "
+                        "nothing can be sent on it: the sender must propose a storage SOP class (or "
+                        "Verification) in a transfer syntax machaon accepts", stats.calling_ae, stats.peer,
+                        rejections)
 
     def _on_end(self, event: evt.Event) -> None:
         stats = self._associations.get(id(event.assoc))
         if stats:
             stats.ended = "released" if event.event is evt.EVT_RELEASED else "aborted"
+            if stats.ended == "aborted" and stats.accepted:  # one refused outright was counted so
+                metrics.association("aborted")
 
     def _on_close(self, event: evt.Event) -> None:
         with self._associations_lock:
@@ -391,9 +414,29 @@ class StorageSCP:
                 log.exception("could not record the association from %s", stats.calling_ae)
 
     def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom sent an A-ASSOCIATE-RJ (before negotiating contexts): say why."""
+        metrics.association("rejected")
         requestor = event.assoc.requestor
-        log.warning("association from %s (%s:%s) rejected", requestor.ae_title,
-                    requestor.address, requestor.port)
+        log.warning("association from %s (%s:%s) rejected: %s", requestor.ae_title or "?",
+                    requestor.address, requestor.port, self._rejection(event.assoc))
+
+    def _rejection(self, assoc: Association) -> str:
+        """Why pynetdicom rejected `assoc`, and what to do, from the A-ASSOCIATE-RJ it sent."""
+        answer = assoc.acceptor.primitive
+        dicom = self.settings.dicom
+        why = (answer.result_source, answer.diagnostic) if answer else None
+        if why == (1, 3):
+            return (f"calling AE title {assoc.requestor.ae_title!r} is not in dicom.allowed_calling_aets "
+                    f"({', '.join(dicom.allowed_calling_aets)}); add it there if it may send")
+        if why == (1, 7):
+            return f"called AE title is not {dicom.ae_title!r}"
+        if why == (3, 2):
+            return (f"{dicom.max_associations} association(s) already open (dicom.max_associations); "
+                    "the sender may try again later")
+        if why == (2, 1):
+            return "its user identity was not accepted"
+        return ("no reason given" if answer is None else
+                f"result {answer.result}, source {answer.result_source}, diagnostic {answer.diagnostic}")
 
 
 def _in_preferred_order(supported: list[PresentationContext], proposed: list[PresentationContext],
@@ -437,7 +480,7 @@ def _refusal(exc: Exception, inst: ReceivedInstance) -> Refused:
     if isinstance(exc, SeriesConflict):
         log.warning("series %s of %s already belongs to another study", inst.series_uid,
                     inst.sop_instance_uid)
-        return Refused(DOES_NOT_MATCH, "SeriesInstanceUID already used in another study")
+        return Refused(DOES_NOT_MATCH, "SeriesInstanceUID already used in another study", "conflict")
     log.exception("could not record %s", inst.sop_instance_uid)  # the database is down, say
     return Refused(PROCESSING_FAILURE, "could not record the instance in the job store: "
                    f"{type(exc).__name__}")

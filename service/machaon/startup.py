@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import errno
 import logging
+from pathlib import Path
 
 import sqlalchemy.exc
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 
 from .config import Settings
 from .manifest import PackageError, load_package
@@ -45,6 +46,12 @@ def check_tls(settings: Settings) -> None:
 
 def open_store(settings: Settings) -> Store:
     """Connect to the job store and check its schema is current."""
+    url = make_url(settings.database.url)
+    sqlite_file = url.database if url.get_backend_name() == "sqlite" else None
+    if sqlite_file and sqlite_file != ":memory:" and not Path(sqlite_file).exists():
+        # Connecting would create an empty file, which later looks like a store with no tables.
+        raise settings.error("database.url", f"there is no job store at {sqlite_file}: create it with "
+                             "`machaon db upgrade`")
     try:
         store = Store(settings.database.url)
     except (OSError, ValueError, sqlalchemy.exc.ArgumentError) as exc:

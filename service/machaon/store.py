@@ -8,19 +8,29 @@ The states a row goes through, and who moves it (nothing else does):
 
     study, series  receiving -> complete         completion (quiet period, or forced)
                    complete  -> receiving        ingest (an image arrived after completion)
-    job            queued    -> running          worker (claim)
+    job            queued    -> running          worker (claim, once its not_before has passed)
                    running   -> succeeded        worker (results recorded)
-                   running   -> failed           worker (the reason kept on the job)
+                   running   -> queued           worker (failed for a reason that may pass: tried
+                                                 again after a backoff, up to worker.max_attempts)
+                   running   -> failed           worker (the reason kept on the job: bad input, a
+                                                 missing model, or max_attempts reached)
                    running   -> running          worker (a lease ran out: claimed again)
+                   running   -> failed           worker (a lease ran out max_attempts times)
                    queued    -> superseded       planner (a newer completion's job does the work)
+                   queued    -> cancelled        operator
+                   failed, cancelled -> queued   operator (retry: attempts start again)
     delivery       pending   -> sent             dispatch (the destination acknowledged it)
-                   pending   -> pending          dispatch (failed; tried again after a backoff)
+                   pending   -> pending          dispatch (failed; tried again after a backoff),
+                                                 operator (retry: due now)
+
+Operators act through operations.py, which records each action as an event naming them.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -37,6 +47,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -67,15 +78,23 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SUPERSEDED = "superseded"  # queued, then replaced by a newer completion's job before it ran
+    CANCELLED = "cancelled"  # queued, then cancelled by an operator
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUPERSEDED)
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUPERSEDED, JobStatus.CANCELLED)
 
 
 class DeliveryStatus(StrEnum):
-    PENDING = "pending"
+    PENDING = "pending"  # a pending delivery with a last_error is failing: operators see it as "failed"
     SENT = "sent"
+
+
+class Role(StrEnum):
+    """What an API token may do."""
+
+    VIEWER = "viewer"  # read
+    OPERATOR = "operator"  # read, and act: retry, cancel, reprocess, complete
 
 
 def utcnow() -> datetime:
@@ -95,9 +114,9 @@ class Study(Base):
     __tablename__ = "studies"
     id: Mapped[int] = mapped_column(primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
     patient_name: Mapped[str | None] = mapped_column(String(324))
-    accession_number: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
     study_date: Mapped[str | None] = mapped_column(String(8))
     study_description: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -160,6 +179,12 @@ class Instance(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (
+        # The queue, in the order workers take it; and operators' lists of recent failures.
+        Index("ix_jobs_queue", "status", "priority", "created_at"),
+        Index("ix_jobs_status_finished", "status", "finished_at"),
+        Index("ix_jobs_status_model", "status", "model"),  # counts per state and model (metrics)
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
@@ -173,6 +198,10 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A job queued again after a failure that may pass waits until then (backoff).
+    not_before: Mapped[datetime | None] = mapped_column(DateTime)
+    # Seconds spent in each stage of its last successful run (a JSON object).
+    timings: Mapped[str | None] = mapped_column(Text)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
@@ -203,7 +232,8 @@ class Delivery(Base):
     """One result to one destination: pending until the destination acknowledged it."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+    __table_args__ = (UniqueConstraint("result_id", "destination"),
+                      Index("ix_deliveries_destination_status", "destination", "status"))
     id: Mapped[int] = mapped_column(primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
     destination: Mapped[str] = mapped_column(String(64))
@@ -211,7 +241,7 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
 
 
 class Event(Base):
@@ -224,6 +254,20 @@ class Event(Base):
     action: Mapped[str] = mapped_column(String(64))
     study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class ApiToken(Base):
+    """A bearer token for the REST API and the web page; only its SHA-256 is kept."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 # --- engine and schema ---------------------------------------------------------
@@ -511,7 +555,8 @@ def _study_dict(study: Study, series_count: int, instance_count: int) -> dict:
     }
 
 
-def list_studies(session: Session, status: str | None = None, limit: int | None = None) -> list[dict]:
+def list_studies(session: Session, status: str | None = None, limit: int | None = None,
+                 where: Sequence[Any] = ()) -> list[dict]:
     """Studies, most recently received first, with their series and instance counts."""
     counts = (
         select(SeriesRow.study_id, func.count(func.distinct(SeriesRow.id)).label("n_series"),
@@ -526,6 +571,8 @@ def list_studies(session: Session, status: str | None = None, limit: int | None 
     )
     if status:
         query = query.where(Study.status == status)
+    if where:
+        query = query.where(*where)
     if limit:
         query = query.limit(limit)
     return [_study_dict(s, n_series, n_inst) for s, n_series, n_inst in session.execute(query)]

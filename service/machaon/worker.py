@@ -20,12 +20,15 @@ import traceback
 from datetime import timedelta
 
 import numpy as np
+import sqlalchemy.exc
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from .config import Settings
-from .inference import OrtSessions
+from . import metrics
+from .config import Settings, WorkerSettings
+from .inference import InferenceError, OrtSessions
 from .manifest import PackageError, load_package
-from .preprocess import PrepareError, model_input, read_series
+from .preprocess import PrepareError, SpoolUnreadable, model_input, read_series
 from .results import ResultError, results_for
 from .spool import Spool
 from .store import (
@@ -49,28 +52,59 @@ class JobError(Exception):
     """A job that cannot succeed as it stands; the message is kept on the job for the operator."""
 
 
-def claim_job(store: Store, owner: str, lease_s: float) -> int | None:
-    """Take the most urgent queued job, or a running one whose lease ran out; None if there is none."""
-    with store.session.begin() as session:
-        now = utcnow()
-        abandoned = (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < now)
-        job = session.execute(
-            select(Job).where((Job.status == JobStatus.QUEUED) | abandoned)
-            .order_by(Job.priority.desc(), Job.id).limit(1).with_for_update(skip_locked=True)
-        ).scalar_one_or_none()
-        if job is None:
-            return None
-        if job.status == JobStatus.RUNNING:  # its worker stopped renewing: crashed, killed or cut off
-            study_uid = session.get_one(Study, job.study_id).study_uid  # the job's lock keeps its study
-            add_event(session, owner, "job.lease_expired", study_uid, job=job.id, model=job.model,
-                      previous_owner=job.lease_owner, attempt=job.attempts + 1)
-            log.warning("job %d: the lease of %s ran out; running it again (attempt %d)",
-                        job.id, job.lease_owner, job.attempts + 1)
-        job.status, job.lease_owner = JobStatus.RUNNING, owner
-        job.lease_expires_at = now + timedelta(seconds=lease_s)
-        job.attempts += 1
-        job.started_at, job.error = now, None
-        return job.id
+# Failures that cannot pass by themselves (bad input, a model not built, a result that cannot be
+# made): the job fails at once. Any other failure may pass (see Runner.run_next).
+CANNOT_PASS = (JobError, PrepareError, PackageError, ResultError)
+# Failures that are expected to pass: the spool or the store briefly unavailable, ONNX Runtime.
+MAY_PASS = (SpoolUnreadable, InferenceError, OSError, sqlalchemy.exc.OperationalError)
+
+
+def claim_job(store: Store, owner: str, policy: WorkerSettings) -> int | None:
+    """Take the most urgent queued job that is due (oldest first within a priority), or a running
+    one whose lease ran out; None if there is none. A job whose worker stopped `max_attempts` times
+    while running it fails instead: it may be what stops them."""
+    while True:
+        with store.session.begin() as session:
+            now = utcnow()
+            due = (Job.status == JobStatus.QUEUED) & (Job.not_before.is_(None) | (Job.not_before <= now))
+            abandoned = (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < now)
+            job = session.execute(
+                select(Job).where(due | abandoned).order_by(Job.priority.desc(), Job.created_at, Job.id)
+                .limit(1).with_for_update(skip_locked=True)
+            ).scalar_one_or_none()
+            if job is None:
+                return None
+            if job.status == JobStatus.QUEUED or not _abandoned_too_often(session, job, owner, policy):
+                job.status, job.lease_owner = JobStatus.RUNNING, owner
+                job.lease_expires_at = now + timedelta(seconds=policy.lease)
+                job.attempts += 1
+                job.started_at, job.not_before = now, None
+                return job.id
+
+
+def _abandoned_too_often(session: Session, job: Job, owner: str, policy: WorkerSettings) -> bool:
+    """A running job whose worker stopped renewing (crashed, killed or cut off): run it again,
+    unless that has happened max_attempts times, when it fails (True)."""
+    study_uid = session.get_one(Study, job.study_id).study_uid  # the job's lock keeps its study
+    if job.attempts >= policy.max_attempts:
+        reason = (f"the worker stopped {job.attempts} times while running this job (its lease ran out each "
+                  "time): the study may be what stops it; the service log around those times says more, "
+                  f"and `machaon jobs retry {job.id}` runs it again")
+        _finish_failed(session, job, owner, reason, study_uid)
+        log.error("job %d (%s) failed: %s", job.id, job.model, reason)
+        return True
+    add_event(session, owner, "job.lease_expired", study_uid, job=job.id, model=job.model,
+              previous_owner=job.lease_owner, attempt=job.attempts + 1)
+    log.warning("job %d: the lease of %s ran out; running it again (attempt %d of %d)",
+                job.id, job.lease_owner, job.attempts + 1, policy.max_attempts)
+    return False
+
+
+def _finish_failed(session: Session, job: Job, owner: str, reason: str, study_uid: str) -> None:
+    job.status, job.error, job.finished_at = JobStatus.FAILED, reason, utcnow()
+    job.lease_owner = job.lease_expires_at = None
+    add_event(session, owner, "job.failed", study_uid, job=job.id, model=job.model, error=reason,
+              attempts=job.attempts)
 
 
 def renew_lease(store: Store, job_id: int, owner: str, lease_s: float) -> bool:
@@ -113,24 +147,28 @@ class Runner:
 
     def run_next(self) -> bool:
         """Claim and run one job; False when the queue is empty."""
-        job_id = claim_job(self.store, self.owner, self.settings.worker.lease)
+        job_id = claim_job(self.store, self.owner, self.settings.worker)
         if job_id is None:
             return False
         queued = False
+        clock = _Stopwatch()
         with _Lease(self.store, job_id, self.owner, self.settings.worker.lease):
             try:
-                queued = self._run(job_id)
-            except (JobError, PrepareError, PackageError, ResultError) as exc:
-                self._fail(job_id, str(exc))
-            except Exception as exc:  # a bug must fail one job, not the worker
+                queued = self._run(job_id, clock)
+            except MAY_PASS as exc:
+                self._failed(job_id, str(exc), clock, may_pass=True)
+            except CANNOT_PASS as exc:
+                self._failed(job_id, str(exc), clock, may_pass=False)
+            except Exception as exc:  # a bug must fail one job, not the worker; it may not recur
                 log.error("job %d: internal error\n%s", job_id, traceback.format_exc())
-                self._fail(job_id, f"internal error: {exc!r} (details in the service log)")
+                self._failed(job_id, f"internal error: {exc!r} (details in the service log)", clock,
+                             may_pass=True)
         if queued:
             self.on_results()
         return True
 
-    def _run(self, job_id: int) -> bool:
-        """Run one job to its end; True when it queued deliveries."""
+    def _run(self, job_id: int, clock: _Stopwatch) -> bool:
+        """Run one job to its end, timing each stage on `clock`; True when it queued deliveries."""
         with self.store.read_session() as session:
             job = session.get(Job, job_id)
             series_row = session.get(SeriesRow, job.series_id) if job and job.series_id is not None else None
@@ -143,7 +181,7 @@ class Runner:
             # Oldest received first: of two copies of one image, the newest is kept.
             received = sorted(series_row.instances, key=lambda i: (i.received_at, i.id))
             paths = [self.spool.path(i.path) for i in received]
-        clock = _Stopwatch()
+        clock.restart()
         package = load_package(self.settings.models.path, model)
         model_run = self.ort_sessions.get(package, self.settings.inference.precision).run
         clock.lap("load_model")
@@ -154,6 +192,7 @@ class Runner:
         size = self.settings.worker.batch_size
         outputs = np.concatenate([model_run(x[i:i + size]) for i in range(0, len(x), size)])
         clock.lap("inference")
+        metrics.inference_seconds(model, clock.laps["inference"])
         datasets = results_for(series, outputs, package.manifest)
         clock.lap("encode_results")
         kept = []
@@ -206,28 +245,56 @@ class Runner:
                                          attempts=0, next_attempt_at=now)
                                 for d in destinations if d not in known)
             job.status, job.finished_at, job.lease_owner = JobStatus.SUCCEEDED, now, None
+            job.timings, job.error = json.dumps(seconds), None  # an earlier attempt's error is in the history
             add_event(session, self.owner, "job.succeeded", study_uid, job=job_id, model=job.model,
                       results=[ds.SOPInstanceUID for _, ds, _ in kept], destinations=destinations,
                       seconds=seconds, dropped_copies=dropped or None)
         log.info("job %d (%s) succeeded: %s", job_id, job.model, ", ".join(k for k, _, _ in kept))
+        metrics.job_finished(job.model, "succeeded", sum(seconds.values()), seconds)
         return bool(destinations)
 
-    def _fail(self, job_id: int, reason: str) -> None:
+    def _failed(self, job_id: int, reason: str, clock: _Stopwatch, may_pass: bool) -> None:
+        """Record a failed run: queued again after a backoff when the failure may pass and attempts
+        remain, else failed with the reason."""
+        policy = self.settings.worker
         with self.store.session.begin() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:  # deleted with its study while it ran
                 log.warning("job %d: its study was deleted while it ran (%s)", job_id, reason)
                 return
-            job.status, job.error, job.finished_at, job.lease_owner = JobStatus.FAILED, reason, utcnow(), None
+            if job.status != JobStatus.RUNNING or job.lease_owner != self.owner:
+                log.warning("job %d was taken over while it ran (%s)", job_id, reason)
+                return
             study_uid = session.get_one(Study, job.study_id).study_uid  # the job's lock keeps its study
-            add_event(session, self.owner, "job.failed", study_uid, job=job_id, model=job.model, error=reason)
-        log.warning("job %d (%s) failed: %s", job_id, job.model, reason)
+            job.timings = json.dumps(clock.laps)
+            if not may_pass or job.attempts >= policy.max_attempts:
+                if may_pass:
+                    reason = f"{reason} (attempt {job.attempts} of {policy.max_attempts}: no more retries)"
+                _finish_failed(session, job, self.owner, reason, study_uid)
+                outcome = "failed"
+            else:
+                delay = min(policy.retry_initial * 2 ** (job.attempts - 1), policy.retry_max)
+                job.status, job.error = JobStatus.QUEUED, f"attempt {job.attempts} failed: {reason}"
+                job.not_before = utcnow() + timedelta(seconds=delay)
+                job.lease_owner = job.lease_expires_at = None
+                add_event(session, self.owner, "job.retry_scheduled", study_uid, job=job_id,
+                          model=job.model, error=reason, attempt=job.attempts, retry_in_s=delay)
+                outcome = "retried"
+        metrics.job_finished(job.model, outcome, sum(clock.laps.values()), None)
+        if outcome == "failed":
+            log.warning("job %d (%s) failed: %s", job_id, job.model, reason)
+        else:
+            log.warning("job %d (%s) attempt %d of %d failed, trying again in %.0f s: %s", job_id,
+                        job.model, job.attempts, policy.max_attempts, delay, reason)
 
 
 class _Stopwatch:
     """Seconds spent in each stage of a job, kept in its job.succeeded event."""
 
     def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
         self.laps: dict[str, float] = {}
         self._last = time.perf_counter()
 
