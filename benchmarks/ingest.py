@@ -106,7 +106,7 @@ def send(port: int, files: list[Path], associations: int) -> float:
     """Seconds from the first association to the last response."""
     groups = [files[i::associations] for i in range(associations)]
     start = time.perf_counter()
-    senders = [subprocess.Popen(["storescu", "-aec", "BENCH", "127.0.0.1", str(port), *map(str, g)],
+    senders = [subprocess.Popen(["/usr/bin/storescu", "-aec", "BENCH", "127.0.0.1", str(port), *map(str, g)],
                                 env=ENV, stderr=subprocess.PIPE, text=True) for g in groups]
     for s in senders:
         _, err = s.communicate()

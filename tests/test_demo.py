@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -48,7 +49,7 @@ def test_demo_runs_the_job_prints_its_results_and_keeps_serving(built_models, tm
         assert volume.get_measurements()[0].value == pytest.approx(float(reported))
 
         # Still serving, for the user's own studies.
-        echo = subprocess.run(["echoscu", "-aec", "MACHAON", "127.0.0.1", str(port)], capture_output=True,
+        echo = subprocess.run(["/usr/bin/echoscu", "-aec", "MACHAON", "127.0.0.1", str(port)], capture_output=True,
                               timeout=30)
         assert echo.returncode == 0, echo.stderr
         demo.send_signal(signal.SIGINT)
@@ -77,3 +78,58 @@ def test_send_only_to_a_node_that_is_not_there_says_so(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert sent.returncode == 1
     assert "NOBODY@127.0.0.1" in sent.stdout and "no association" in sent.stdout
+
+
+def _demo_until_ready(cwd: Path, env: dict, *args: str) -> str:
+    """`machaon demo` run until it has reported its job, then stopped by Ctrl-C; its output."""
+    demo = subprocess.Popen([MACHAON, "demo", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("Ctrl-C stops it" in line for line in lines):
+            assert demo.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0, "".join(lines)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    return "".join(lines)
+
+
+def test_a_second_demo_reports_the_job_of_its_own_send(built_models, tmp_path):
+    env = _demo_env(built_models, free_port())
+    first = _demo_until_ready(tmp_path, env)
+    # The same phantom study again, into the same job store: the first run's job is finished, but
+    # it is the job of the new completion that is reported, once it has run.
+    second = _demo_until_ready(tmp_path, env, "--calling-ae", "CARDIO-MR")
+    [(first_job, first_status)] = re.findall(r"job (\d+) \(lv-segmentation\): (\w+)", first)
+    [(second_job, second_status)] = re.findall(r"job (\d+) \(lv-segmentation\): (\w+)", second)
+    assert int(second_job) > int(first_job) and first_status == second_status == "succeeded", second
+    assert "from CARDIO-MR to MACHAON@127.0.0.1" in second
+    [study_uid] = re.findall(r"sent phantom study ([\d.]+)", second)
+    shown = subprocess.run([MACHAON, "studies", "show", study_uid, "--json"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    study = json.loads(shown.stdout)
+    assert study["completion_count"] == 2
+    assert {i["calling_ae"] for s in study["series"] for i in s["instances"]} == {"CARDIO-MR"}
+
+
+def test_send_only_calls_with_the_ae_title_given(serve, tmp_path):
+    server = serve(dicom={"allowed_calling_aets": ["CARDIO-MR"]})
+    target = f"MACHAON@127.0.0.1:{server.port}"
+    refused = subprocess.run([MACHAON, "demo", "--send-only", target], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1  # our own AE title by default, which this node does not allow
+    sent = subprocess.run([MACHAON, "demo", "--send-only", target, "--calling-ae", "CARDIO-MR"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    [study_uid] = re.findall(r"sent the phantom study ([\d.]+): 15 of 15 images stored", sent.stdout)
+    study = server.study(study_uid)
+    assert {i["calling_ae"] for s in study["series"] for i in s["instances"]} == {"CARDIO-MR"}
+    bad = subprocess.run([MACHAON, "demo", "--send-only", target, "--calling-ae", "A-NAME-LONGER-THAN-16"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "an AE title is 1 to 16 ASCII characters" in bad.stderr

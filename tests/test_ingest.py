@@ -251,7 +251,7 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(serve, tmp_path):
     files = write_ct_series(tmp_path / "ct", slices=150, size=256)
     server = serve()
     sender = subprocess.Popen(
-        ["storescu", "-v", "-aet", "SCANNER", "-aec", "MACHAON", "127.0.0.1", str(server.port),
+        ["/usr/bin/storescu", "-v", "-aet", "SCANNER", "-aec", "MACHAON", "127.0.0.1", str(server.port),
          *map(str, files)], stderr=subprocess.PIPE, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"})
     # Kill once some, but not all, instances were acknowledged.
     server.wait_for(lambda: len(list((server.spool / "studies").rglob("*.dcm"))) >= 40, timeout=60,
@@ -290,7 +290,7 @@ def test_sigterm_lets_the_transfer_in_flight_finish(serve, tmp_path):
     files = write_ct_series(tmp_path / "ct", slices=120, size=256)
     server = serve()
     sender = subprocess.Popen(
-        ["storescu", "-v", "-aec", "MACHAON", "127.0.0.1", str(server.port), *map(str, files)],
+        ["/usr/bin/storescu", "-v", "-aec", "MACHAON", "127.0.0.1", str(server.port), *map(str, files)],
         stderr=subprocess.PIPE, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"})
     server.wait_for(lambda: len(list((server.spool / "studies").rglob("*.dcm"))) >= 10, timeout=60,
                     what="the transfer to start")
@@ -314,6 +314,6 @@ def test_echo_command(serve):
     refused = server.machaon("echo", f"MACHAON@127.0.0.1:{picky.port}", check=False)
     assert refused.returncode == 1
     assert "rejected the association: check that it knows the calling AE title MACHAON" in refused.stderr
-    dcmtk = subprocess.run(["echoscu", "-aec", "MACHAON", "127.0.0.1", str(server.port)],
+    dcmtk = subprocess.run(["/usr/bin/echoscu", "-aec", "MACHAON", "127.0.0.1", str(server.port)],
                            capture_output=True, text=True, timeout=30)
     assert dcmtk.returncode == 0, dcmtk.stderr

@@ -214,7 +214,7 @@ def test_results_reach_orthanc_where_a_viewer_finds_them_even_after_it_was_down(
     time.sleep(2)  # more dispatch passes: nothing acknowledged is sent again
 
     # As a viewer would look: C-FIND at series level, and QIDO-RS.
-    found = subprocess.run(["findscu", "-S", "-aet", "VIEWER", "-aec", "ORTHANC", "-k", "QueryRetrieveLevel=SERIES",
+    found = subprocess.run(["/usr/bin/findscu", "-S", "-aet", "VIEWER", "-aec", "ORTHANC", "-k", "QueryRetrieveLevel=SERIES",
                             "-k", f"StudyInstanceUID={study.study_uid}", "-k", "SeriesInstanceUID", "-k", "Modality",
                             "127.0.0.1", str(orthanc.dicom_port)], capture_output=True, text=True, timeout=30)
     modalities = sorted(re.findall(r"\(0008,0060\) CS \[(\w+) ?\]", found.stderr + found.stdout))

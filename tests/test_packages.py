@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
+import re
+import shutil
+import time
 import tomllib
 from pathlib import Path
 
@@ -13,9 +17,11 @@ import pytest
 import tomli_w
 from machaon.inference import OrtSessions, RuntimeOptions
 from machaon.manifest import Package, PackageError, find_packages, read_manifest, sha256_of
+from machaon.tools.build import BUILD_INPUTS, Builder, BuildError, build_inputs
 from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
 
-from tests.harness import run_machaon
+from tests.harness import ENVS, copy_model, run_machaon
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,3 +220,64 @@ def test_unknown_package_lists_the_known_ones(tmp_path):
     assert done.returncode == 1
     assert f"no model package 'lv-segmentaion' in {tmp_path / 'models'} (there are: tiny-views)" in done.stderr
 
+
+
+def test_build_skips_an_unchanged_model_and_says_why_it_rebuilds_the_others(tmp_path, monkeypatch):
+    folder = tmp_path / "src" / "tiny-views"
+    folder.mkdir(parents=True)
+    source = {"framework": "keras", "file": "tiny.keras", "recipe": "recipe.py"}
+    (folder / "manifest.toml").write_text(tomli_w.dumps(copy.deepcopy(MANIFEST) | {"source": source}))
+    (folder / "recipe.py").write_text("# writes tiny.keras\n")
+    built = make_package(tmp_path / "built" / "tiny-views")
+
+    def record() -> None:  # as a build of the sources as they are now leaves it
+        inputs = build_inputs(folder, read_manifest(folder / "manifest.toml").source)
+        (built / BUILD_INPUTS).write_text(json.dumps(inputs))
+    record()
+    out = io.StringIO()
+    builder = Builder(tmp_path / "src", tmp_path / "built", tmp_path / "envs", Console(file=out, width=300))
+
+    def building(*_args):
+        raise BuildError("building")
+    monkeypatch.setattr(Builder, "_source_model", building)  # the first step of a real build
+
+    def why(**kwargs) -> str:
+        out.seek(0)
+        out.truncate()
+        with pytest.raises(BuildError, match="building"):
+            builder.build("tiny-views", **kwargs)
+        return re.search(r"building: (.*)", out.getvalue())[1]
+
+    assert builder.build("tiny-views").folder == built and "up to date" in out.getvalue()
+    assert why(force=True) == "--force given"
+    (folder / "recipe.py").write_text("# writes tiny.keras, differently\n")
+    assert why() == "changed since the last build: recipe.py"
+    record()
+    with (built / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    assert why().startswith("the built package is broken: model tiny-views: ")
+    tiny_onnx(built / "model.onnx")
+    (built / BUILD_INPUTS).unlink()  # built before the inputs were recorded
+    assert why() == f"{built / BUILD_INPUTS} is missing or unreadable"
+    shutil.rmtree(built)
+    assert why() == "no package yet"
+    assert not (tmp_path / "envs").exists()  # nothing was started to find that out
+
+
+@pytest.mark.converters
+def test_a_second_build_of_unchanged_sources_is_quick(tmp_path):
+    sources = copy_model(tmp_path / "src", "cardiac-view", **{"source.variants": []})
+    env = {"MACHAON_MODELS_PATH": str(tmp_path / "built")}
+    build = ("models", "build", "--source", str(sources), "--envs", str(ENVS))
+    first = run_machaon(*build, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr
+    assert "building: no package yet" in first.stdout and "parity check: " in first.stdout
+    started = time.monotonic()
+    again = run_machaon(*build, env=env, timeout=900)
+    assert again.returncode == 0 and "up to date" in again.stdout and "parity" not in again.stdout
+    assert time.monotonic() - started < 30
+    forced = run_machaon(*build, "--force", env=env, timeout=900)
+    assert "building: --force given" in forced.stdout and "built" in forced.stdout, forced.stderr
+    # Not a terminal: each step is a line when it starts and one when it ends, no spinner frames.
+    assert re.search(r"converting cardiac_view.keras to ONNX: done in [\d.]+ s", forced.stdout)
+    assert "\r" not in forced.stdout and "\x1b" not in forced.stdout

@@ -18,7 +18,7 @@ from tests.harness import acknowledged, storescu
 def send_good_study(server, tmp_path: Path, name: str = "good") -> subprocess.Popen:
     files = write_ct_series(tmp_path / name, slices=30, size=128)
     return subprocess.Popen(
-        ["storescu", "-v", "-aet", "SCANNER", "-aec", "MACHAON", "127.0.0.1", str(server.port),
+        ["/usr/bin/storescu", "-v", "-aet", "SCANNER", "-aec", "MACHAON", "127.0.0.1", str(server.port),
          *map(str, files)], stderr=subprocess.PIPE, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"})
 
 

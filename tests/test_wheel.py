@@ -66,7 +66,7 @@ def test_the_installed_wheel_builds_a_model_and_serves_on_the_embedded_default(i
             assert server.poll() is None, (tmp_path / "serve.log").read_text()
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
-        echo = subprocess.run(["echoscu", "-aec", "MACHAON", "127.0.0.1", str(port)], capture_output=True,
+        echo = subprocess.run(["/usr/bin/echoscu", "-aec", "MACHAON", "127.0.0.1", str(port)], capture_output=True,
                               text=True, timeout=30)
         assert echo.returncode == 0, echo.stderr
     finally:

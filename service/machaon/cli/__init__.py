@@ -10,11 +10,13 @@ import sys
 import time
 
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-from . import __version__
-from .config import ConfigError, Settings, load_settings
-from .store import StudyStatus
+from .. import __version__
+from ..config import ConfigError, Settings, load_settings
+from ..display import ELLIPSIS, Column, print_table, short_uid, wide_flag
+from ..store import StudyStatus
+from . import operators
 
 # sysexits.h EX_CONFIG: systemd units are told not to restart on it.
 EXIT_CONFIG = 78
@@ -46,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="TOML configuration (default: $MACHAON_CONFIG, else the embedded default)")
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print JSON (format in README)")
+    wide = wide_flag()
 
     parser = argparse.ArgumentParser(prog="machaon", description="DICOM AI batch processing node")
     parser.add_argument("--version", action="version", version=f"machaon {__version__}")
@@ -64,12 +67,14 @@ def _parser() -> argparse.ArgumentParser:
 
     studies = sub.add_parser("studies", help="studies received").add_subparsers(required=True,
                                                                                  metavar="ACTION")
-    p = studies.add_parser("list", parents=[common, json_flag], help="list studies, newest first")
+    p = studies.add_parser("list", parents=[common, json_flag, wide], help="list studies, newest first")
     p.add_argument("--status", choices=[s.value for s in StudyStatus])
     p.add_argument("--limit", type=int, default=None, help="at most this many")
     p.set_defaults(run=_studies_list)
-    p = studies.add_parser("show", parents=[common, json_flag], help="one study, its series and history")
-    p.add_argument("study_uid", metavar="STUDY_UID")
+    p = studies.add_parser("show", parents=[common, json_flag, wide],
+                           help="one study, its series and history")
+    p.add_argument("study_uid", metavar="STUDY_UID",
+                   help=f"the whole UID, or its end as the tables show it ({ELLIPSIS}1234.5678)")
     p.set_defaults(run=_studies_show)
 
     models = sub.add_parser("models", help="model packages").add_subparsers(required=True, metavar="ACTION")
@@ -79,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="models", metavar="DIR", help="source model folders (default: models)")
     p.add_argument("--envs", default="build/envs", metavar="DIR",
                    help="where the Keras and MXNet environments live (default: build/envs)")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even the models whose sources, manifest and converter are unchanged")
     p.set_defaults(run=_models_build)
     p = models.add_parser("train", parents=[common], help="train a demo model on phantoms (slow)")
     p.add_argument("name", metavar="NAME")
@@ -87,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="models", metavar="DIR")
     p.add_argument("--envs", default="build/envs", metavar="DIR")
     p.set_defaults(run=_models_train)
-    p = models.add_parser("list", parents=[common, json_flag], help="built packages in models.path")
+    p = models.add_parser("list", parents=[common, json_flag, wide], help="built packages in models.path")
     p.set_defaults(run=_models_list)
     p = models.add_parser("check", parents=[common],
                           help="load a package, run a dummy input, show providers and timing")
@@ -106,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common],
                        help="serve, send a phantom cardiac MR study to ourselves, show the job's results")
     p.add_argument("--send-only", metavar="AET@HOST:PORT", help="only send the phantom study to this node")
+    p.add_argument("--calling-ae", metavar="AET", type=_ae_title,
+                   help="our AE title on the association (default: dicom.ae_title with --send-only, "
+                        "else DEMO)")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (AET@HOST:PORT), or a configured "
@@ -113,7 +123,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="AET@HOST:PORT|DESTINATION")
     p.add_argument("--timeout", type=float, help="seconds (default 10, or the destination's timeout)")
     p.set_defaults(run=_echo)
+
+    operators.add_commands(sub, studies, common, json_flag)
     return parser
+
+
+def _ae_title(text: str) -> str:
+    """An AE title given on the command line, checked as the configuration checks them."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from ..senders.dicom import AETitle
+    try:
+        return TypeAdapter(AETitle).validate_python(text)
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -126,19 +149,19 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def _serve(settings: Settings, _args) -> None:
-    from .serve import serve
+    from ..serve import serve
     serve(settings)
 
 
 def _worker(settings: Settings, _args) -> None:
-    from .serve import work
+    from ..serve import work
     work(settings)
 
 
 def _db_upgrade(settings: Settings, _args) -> None:
     import sqlalchemy.exc
 
-    from .store import instances_without_facts, make_engine, upgrade
+    from ..store import instances_without_facts, make_engine, upgrade
     engine = make_engine(settings.database.url)
     recorded, unreadable = 0, list[str]()
     try:
@@ -146,8 +169,8 @@ def _db_upgrade(settings: Settings, _args) -> None:
         with engine.connect() as conn:
             missing = bool(instances_without_facts(conn, 0, 1))
         if missing:  # rows kept before header facts were recorded at ingest: read from the spool
-            from .scp import record_missing_facts
-            from .spool import Spool
+            from ..scp import record_missing_facts
+            from ..spool import Spool
             if not (settings.spool.path / "studies").is_dir():
                 raise settings.error("spool.path", f"{settings.spool.path} holds no studies/ folder, yet "
                                      "the job store has instances kept there: is this their spool?")
@@ -173,8 +196,8 @@ def _db_upgrade(settings: Settings, _args) -> None:
 
 
 def _studies_list(settings: Settings, args) -> None:
-    from .startup import open_store
-    from .store import list_studies
+    from ..startup import open_store
+    from ..store import list_studies
     store = open_store(settings)
     with store.read_session() as session:
         rows = list_studies(session, status=args.status, limit=args.limit)
@@ -182,64 +205,117 @@ def _studies_list(settings: Settings, args) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("Patient ID", "Date", "Series", "Images", "Status", "Last received (UTC)", box=None)
-    # The UID is what operators copy into other commands: never cut it short.
-    table.add_column("Study Instance UID", overflow="fold")
+    if not rows:
+        out.print("no studies")
+        return
+    # Date and Series are left out first on a narrow terminal (--wide shows them).
+    columns = [Column("Study Instance UID"), Column("Patient ID", cut=True), Column("Date", optional=True),
+               Column("Series", "right", optional=True), Column("Images", "right"),
+               Column("Status", cut=True), Column("Last received (UTC)")]
+    table = []
     for r in rows:
         status = r["status"] + (f" ({r['completion_count']}x)" if r["completion_count"] > 1 else "")
         if r["planning_error"]:
             status += ", [red]planning problem[/]"  # `studies show` says which files
-        table.add_row(r["patient_id"] or "", r["study_date"] or "", str(r["series_count"]),
-                      str(r["instance_count"]), status, r["last_received_at"][:19].replace("T", " "),
-                      r["study_uid"])
-    out.print(table if rows else "no studies")
+        table.append([_uid(r["study_uid"], args.wide), escape(r["patient_id"] or ""), r["study_date"] or "",
+                      str(r["series_count"]), str(r["instance_count"]), status,
+                      r["last_received_at"][:19].replace("T", " ")])
+    print_table(out, columns, table, args.wide)
+
+
+def _uid(uid: str | None, wide: bool) -> str:
+    """A UID in a table: whole with --wide, else its end (`studies show` takes either)."""
+    return (uid if wide else short_uid(uid)) if uid else ""
+
+
+def _find_study(session, text: str) -> dict | None:
+    """The study a UID names: the whole UID, or its end after an ellipsis, as tables show it."""
+    from sqlalchemy import select
+
+    from ..store import Study, show_study
+    study = show_study(session, text)
+    end = text.removeprefix(ELLIPSIS).removeprefix("...")
+    if study is None and end != text and end:
+        found = session.execute(select(Study.study_uid).where(Study.study_uid.endswith(end, autoescape=True))
+                                .limit(2)).scalars().all()
+        if len(found) > 1:
+            raise LookupError(f"more than one study's UID ends in {end}: give the whole UID "
+                              "(`machaon studies list --wide` shows them)")
+        study = show_study(session, found[0]) if found else None
+    return study
 
 
 def _studies_show(settings: Settings, args) -> int:
-    from .startup import open_store
-    from .store import show_study
+    from ..startup import open_store
     store = open_store(settings)
-    with store.read_session() as session:
-        study = show_study(session, args.study_uid)
-    store.dispose()
+    try:
+        with store.read_session() as session:
+            study = _find_study(session, args.study_uid)
+    except LookupError as exc:
+        return _fail(str(exc))
+    finally:
+        store.dispose()
     if study is None:
         return _fail(f"no study with Study Instance UID {args.study_uid} "
                      "(`machaon studies list` shows the known ones)")
     if args.json:
         print(json.dumps(study, indent=2))
         return 0
-    out.print(f"[bold]Study[/] {study['study_uid']}  [bold]{study['status']}[/]")
+    # The UID whole on its own line, to copy; the tables below fit the terminal.
+    out.print(f"[bold]Study[/] {study['study_uid']}", soft_wrap=True)
+    out.print(f"  status: [bold]{study['status']}[/]")
     for key in ("patient_id", "patient_name", "accession_number", "study_date", "study_description",
                 "first_received_at", "last_received_at", "completed_at", "completion_count"):
         out.print(f"  {key.replace('_', ' ')}: {study[key] if study[key] is not None else ''}")
     if study["planning_error"]:
         out.print(f"  [red]planning problem[/]: {study['planning_error']}")
-    series = Table("Modality", "No.", "Description", "Images", "Status", box=None)
-    series.add_column("Series Instance UID", overflow="fold")
-    for s in study["series"]:
-        series.add_row(s["modality"] or "", str(s["series_number"] or ""), s["series_description"] or "",
-                       str(s["instance_count"]), s["status"], s["series_uid"])
-    out.print(series)
-    if study["jobs"]:
-        jobs = Table("Job", "Model", "Rule", "Status", "Attempts", "Error / results", box=None)
-        for j in study["jobs"]:
-            superseded = j["superseded_by"] and f"superseded by job {j['superseded_by']}"
-            detail = j["error"] or superseded or ", ".join(f"{r['kind']} -> " + ", ".join(
-                f"{d['destination']} {d['status']}" for d in r["deliveries"]) for r in j["results"])
-            jobs.add_row(str(j["id"]), j["model"], j["rule"] or "", j["status"], str(j["attempts"]), detail)
-        out.print(jobs)
-    events = Table("When (UTC)", "Who", "What", "Detail", box=None)
-    for e in study["events"]:
-        events.add_row(e["at"][:23].replace("T", " "), e["actor"], e["action"],
-                       ", ".join(f"{k}={v}" for k, v in e["detail"].items()))
-    out.print(events)
+    wide = args.wide
+    series = [[_uid(s["series_uid"], wide), escape(s["modality"] or ""), str(s["series_number"] or ""),
+               escape(s["series_description"] or ""), str(s["instance_count"]), s["status"]]
+              for s in study["series"]]
+    jobs = []
+    for j in study["jobs"]:
+        superseded = j["superseded_by"] and f"superseded by job {j['superseded_by']}"
+        detail = j["error"] or superseded or ", ".join(f"{r['kind']} -> " + ", ".join(
+            f"{d['destination']} {d['status']}" for d in r["deliveries"]) for r in j["results"])
+        jobs.append([str(j["id"]), j["model"], escape(j["rule"] or ""), j["status"], str(j["attempts"]),
+                     escape(detail)])
+    events = [[e["at"][:23].replace("T", " "), escape(e["actor"]), e["action"],
+               escape(", ".join(f"{k}={_detail_value(v, wide)}" for k, v in e["detail"].items()))]
+              for e in study["events"]]
+    cut = False
+
+    def table(columns: list[Column], rows: list[list[str]]) -> None:
+        nonlocal cut
+        if rows:
+            out.print()
+            cut |= print_table(out, columns, rows, wide)
+
+    table([Column("Series Instance UID"), Column("Modality"), Column("No.", "right"),
+           Column("Description", cut=True), Column("Images", "right"), Column("Status")], series)
+    table([Column("Job", "right"), Column("Model"), Column("Rule", cut=True), Column("Status"),
+           Column("Attempts", "right"), Column("Error / results", cut=True)], jobs)
+    failed = [j for j in study["jobs"] if j["error"]]
+    if failed and not wide:  # why a job failed is worth reading whole, on as many lines as it takes
+        out.print()
+        for j in failed:
+            out.print(f"job {j['id']}: {j['error']}", markup=False, highlight=False)
+    table([Column("When (UTC)"), Column("Who", cut=True), Column("What"), Column("Detail", cut=True)], events)
+    if cut:
+        out.print("\n(values cut short to fit the terminal: --wide or --json prints them whole)", style="dim")
     return 0
+
+
+def _detail_value(value, wide: bool):
+    """An event's detail value; a UID in it shortened like the UID columns."""
+    uid = isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)+", value)
+    return short_uid(value) if uid and not wide else value
 
 
 def _builder(settings: Settings, args):
     from pathlib import Path
 
-    from .tools.build import Builder
+    from ..tools.build import Builder
     return Builder(Path(args.source), settings.models.path, Path(args.envs), out)
 
 
@@ -254,8 +330,8 @@ def _build_extra_missing() -> str | None:
 def _models_build(settings: Settings, args) -> int:
     if problem := _build_extra_missing():
         return _fail(problem)
-    from .manifest import PackageError
-    from .tools.build import BuildError
+    from ..manifest import PackageError
+    from ..tools.build import BuildError
     builder = _builder(settings, args)
     names = args.names or builder.names()
     if not names:
@@ -263,7 +339,7 @@ def _models_build(settings: Settings, args) -> int:
     failed = []
     for name in names:
         try:
-            builder.build(name)
+            builder.build(name, force=args.force)
         except (BuildError, PackageError) as exc:
             failed.append(name)
             out.print(f"  [red]failed[/] {name}")
@@ -276,8 +352,8 @@ def _models_build(settings: Settings, args) -> int:
 def _models_train(settings: Settings, args) -> int:
     if problem := _build_extra_missing():
         return _fail(problem)
-    from .manifest import PackageError
-    from .tools.build import BuildError
+    from ..manifest import PackageError
+    from ..tools.build import BuildError
     try:
         _builder(settings, args).train(args.name, args.studies, args.holdout)
     except (BuildError, PackageError) as exc:
@@ -286,21 +362,28 @@ def _models_train(settings: Settings, args) -> int:
 
 
 def _models_list(settings: Settings, args) -> int:
-    from .manifest import find_packages
+    from ..manifest import find_packages
     packages, errors = find_packages(settings.models.path)
     rows = [_package_row(p) for p in packages]
     if args.json:
         print(json.dumps({"path": str(settings.models.path), "models": rows, "errors": errors}, indent=2))
     else:
-        table = Table("Name", "Version", "Task", "Input", "Variants", "Demo", "Parity", "Evaluation",
-                      box=None)
+        # The least needed last: a narrow terminal leaves them out (--wide shows them).
+        columns = [Column("Name"), Column("Version"), Column("Task"), Column("Input", cut=True),
+                   Column("Evaluation"), Column("Variants", optional=True), Column("Demo", optional=True),
+                   Column("Parity", optional=True)]
+        table = []
         for r in rows:
             scored = r["evaluation"]
-            evaluation = f"{scored['metric']} {scored['value']:.3f}" if scored else ""
-            table.add_row(r["name"], r["version"], r["task"], r["input"], ", ".join(r["variants"]),
-                          r["demo"] or "", f"{r['parity_max_abs_diff']:.1e}", evaluation)
-        out.print(table if rows else f"no model packages in {settings.models.path} "
-                  "(build them with `machaon models build`)")
+            # Without a score, say why: its weights are random.
+            evaluation = (f"{scored['metric']} {scored['value']:.3f}" if scored
+                          else "random weights" if r["demo"] == "random-weights" else "")
+            table.append([r["name"], r["version"], r["task"], r["input"], evaluation,
+                          ", ".join(r["variants"]), r["demo"] or "", f"{r['parity_max_abs_diff']:.1e}"])
+        if rows:
+            print_table(out, columns, table, args.wide)
+        else:
+            out.print(f"no model packages in {settings.models.path} (build them with `machaon models build`)")
     for error in errors:
         print(f"machaon: {error}", file=sys.stderr)
     return 1 if errors else 0
@@ -322,8 +405,8 @@ def _package_row(package) -> dict:
 def _models_check(settings: Settings, args) -> int:
     import numpy as np
 
-    from .inference import OrtModel
-    from .manifest import PackageError, load_package
+    from ..inference import OrtModel
+    from ..manifest import PackageError, load_package
     precision = args.precision or settings.inference.precision
     try:
         package = load_package(settings.models.path, args.name)
@@ -352,12 +435,12 @@ def _models_check(settings: Settings, args) -> int:
 def _rules_test(settings: Settings, args) -> int:
     from pathlib import Path
 
-    from .planner import series_in_store
-    from .rules import explain, series_in_folder
+    from ..planner import series_in_store
+    from ..rules import explain, series_in_folder
     if Path(args.target).exists():
         found, problems = series_in_folder(Path(args.target))
     else:
-        from .startup import open_store
+        from ..startup import open_store
         store = open_store(settings)
         with store.read_session() as session:  # the facts recorded at ingest, as planning sees them
             in_store = series_in_store(session, args.target)
@@ -389,24 +472,25 @@ def _rules_test(settings: Settings, args) -> int:
 
 
 def _demo(settings: Settings, args) -> int:
-    from .tools.demo import run_demo, send_only
+    from ..tools.demo import run_demo, send_only
     console = Console(highlight=False, soft_wrap=True)  # paths and UIDs stay whole, to copy and paste
     if args.send_only:
-        return send_only(args.send_only, settings.dicom.ae_title, console)
-    from .serve import serve
-    from .store import make_engine, upgrade
+        return send_only(args.send_only, args.calling_ae or settings.dicom.ae_title, console)
+    from ..serve import serve
+    from ..store import make_engine, upgrade
     engine = make_engine(settings.database.url)
     try:
         upgrade(engine)  # the demo starts from nothing
     finally:
         engine.dispose()
-    serve(settings, on_ready=lambda stopping: run_demo(settings, console, stopping))
+    calling_ae = args.calling_ae or "DEMO"
+    serve(settings, on_ready=lambda stopping: run_demo(settings, console, stopping, calling_ae))
     return 0
 
 
 def _echo(settings: Settings, args) -> int:
-    from .senders import SendError
-    from .senders.dicom import DicomClient, DicomDestination
+    from ..senders import SendError
+    from ..senders.dicom import DicomClient, DicomDestination
 
     verification = "1.2.840.10008.1.1"  # the Verification SOP Class
     destination = settings.destinations.get(args.target)

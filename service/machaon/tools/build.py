@@ -26,11 +26,14 @@ import numpy as np
 import tomli_w
 from rich.console import Console
 
-from ..manifest import MANIFEST, Evaluation, Manifest, Package, Source, read_manifest, sha256_of
+from .. import __version__
+from ..display import step
+from ..manifest import MANIFEST, Evaluation, Manifest, Package, PackageError, Source, read_manifest, sha256_of
 from ..preprocess import normalise, to_layout
 from . import phantom
 
 EVALUATION_FILE = "evaluation.json"  # written by a model's training script, beside its weights
+BUILD_INPUTS = "build-inputs.json"  # in a package: the sha256 of everything it was built from
 PARITY_SAMPLES, CALIBRATION_SAMPLES, EVALUATION_SAMPLES = 8, 32, 16
 
 
@@ -52,6 +55,38 @@ def _source_sha256(source_file: Path) -> str:
     return hashlib.sha256("".join(sha256_of(p) for p in parts).encode()).hexdigest()
 
 
+def build_inputs(folder: Path, source: Source) -> dict:
+    """What a package is made from, for telling whether it must be rebuilt: the sha256 of each
+    file in the model's folder (manifest, weights, recipe, evaluation) and of the framework's
+    converter and requirements, and the machaon version (its build code makes the sample inputs
+    and the variants)."""
+    files = {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and "__pycache__" not in p.parts}
+    for tool in (f"{source.framework}_to_onnx.py", f"requirements-{source.framework}.txt"):
+        files[f"converters/{tool}"] = sha256_of(converters_dir() / tool)
+    return {"machaon": __version__, "files": files}
+
+
+def _why_rebuild(target: Path, inputs: dict) -> str | None:
+    """Why the package in `target` must be rebuilt from `inputs`, or None when it is up to date."""
+    if not target.is_dir():
+        return "no package yet"
+    try:
+        package = Package(target)
+        for precision in ["fp32"] + [v.precision for v in package.manifest.variants]:
+            package.onnx_path(precision)  # checks each file against its sha256 in the manifest
+        built = json.loads((target / BUILD_INPUTS).read_text())
+    except PackageError as exc:
+        return f"the built package is broken: {exc}"
+    except (OSError, ValueError):
+        return f"{target / BUILD_INPUTS} is missing or unreadable"
+    if built.get("machaon") != inputs["machaon"]:
+        return f"built by machaon {built.get('machaon')}, this is {inputs['machaon']}"
+    old, new = built.get("files", {}), inputs["files"]
+    changed = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
+    return f"changed since the last build: {', '.join(changed)}" if changed else None
+
+
 class Environments:
     """The build's virtual environments, one per framework, under `root`."""
 
@@ -71,8 +106,8 @@ class Environments:
             shutil.rmtree(env)
         log = self.root / f"{framework}-install.log"
         self.root.mkdir(parents=True, exist_ok=True)
-        with self.console.status(f"creating the {framework} build environment in {env} "
-                                 f"(first time only; pip output in {log})"):
+        with step(self.console, f"creating the {framework} build environment in {env} "
+                  f"(first time only; pip output in {log})"):
             with log.open("w") as out:
                 for command in ([sys.executable, "-m", "venv", str(env)],
                                 [str(env / "bin" / "python"), "-m", "pip", "install",
@@ -97,12 +132,12 @@ class Environments:
             if subprocess.run([str(python), str(script), *map(str, args)], env=env).returncode:
                 raise BuildError(f"{what} failed ({script.name}); its output is above")
             return
-        with self.console.status(f"{what}..."):
+        with step(self.console, f"  {what}"):
             done = subprocess.run([str(python), str(script), *map(str, args)], env=env,
                                   capture_output=True, text=True)
-        if done.returncode:
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-            raise BuildError(f"{what} failed ({script.name} exited {done.returncode}):\n{tail}")
+            if done.returncode:  # inside the step, which then says it failed
+                tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+                raise BuildError(f"{what} failed ({script.name} exited {done.returncode}):\n{tail}")
 
 
 def _source_of(manifest: Manifest) -> Source:
@@ -169,19 +204,29 @@ class Builder:
     def names(self) -> list[str]:
         return sorted(p.parent.name for p in self.sources.glob(f"*/{MANIFEST}"))
 
-    def build(self, name: str) -> Package:
-        """Build one package into out/<name>, replacing the old one only when every check passed."""
+    def build(self, name: str, force: bool = False) -> Package:
+        """Build one package into out/<name>, replacing the old one only when every check passed.
+
+        A package built from the same inputs (see `build_inputs`) is kept as it is unless `force`.
+        """
         folder = self.sources / name
         manifest = read_manifest(folder / MANIFEST)
         if manifest.source is None:
             raise BuildError(f"{folder / MANIFEST} has no [source]: say how to build the model")
         if manifest.name != name:
             raise BuildError(f"{folder / MANIFEST}: name is {manifest.name!r} but the folder is {name!r}")
+        target = self.out / name
+        inputs = build_inputs(folder, manifest.source)
+        self.console.print(f"[bold]{name}[/] {manifest.version} ({manifest.source.framework})")
+        reason = "--force given" if force else _why_rebuild(target, inputs)
+        if reason is None:
+            self.console.print(f"  [green]up to date[/] {target}")
+            return Package(target)
+        self.console.print(f"  building: {reason}", markup=False)
         self.out.mkdir(parents=True, exist_ok=True)
         # Work inside out/ so the finished package is moved into place by a rename.
         with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=self.out) as tmp:
             work = Path(tmp)
-            self.console.print(f"[bold]{name}[/] {manifest.version} ({manifest.source.framework})")
             source_file = self._source_model(folder, manifest, work)
             fields = self._convert(manifest, source_file, work)
             fields["variants"] = [self._variant(manifest, work, p) for p in manifest.source.variants]
@@ -189,7 +234,8 @@ class Builder:
                 evaluation = Evaluation.model_validate_json((folder / EVALUATION_FILE).read_text())
                 fields["evaluation"] = evaluation.model_dump()
             package_dir = self._assemble(manifest, fields, work)
-            target = self.out / name
+            # What it was built from, which the next build compares to skip an unchanged model.
+            (package_dir / BUILD_INPUTS).write_text(json.dumps(inputs, indent=2) + "\n")
             if target.exists():
                 os.replace(target, work / "previous")  # removed with the work folder
             os.replace(package_dir, target)
@@ -218,7 +264,7 @@ class Builder:
         assert manifest.source.file  # Source's validator requires it
         with tempfile.TemporaryDirectory(prefix="machaon-train-") as tmp:
             work = Path(tmp)
-            with self.console.status(f"generating phantoms: {studies} for training, {holdout} held out"):
+            with step(self.console, f"  generating phantoms: {studies} for training, {holdout} held out"):
                 for file, count, seed in (("train.npz", studies, 10), ("holdout.npz", holdout, 20)):
                     x, labels = training_data(manifest, count, seed)
                     np.savez(work / file, x=x, labels=labels)
@@ -253,7 +299,7 @@ class Builder:
                       "--opset", source.opset, what=f"converting {source_file.name} to ONNX")
         info = json.loads((work / "info.json").read_text())
         reference = np.load(work / "reference.npz")["y"]
-        with self.console.status("parity check: source framework against ONNX Runtime"):
+        with step(self.console, "  parity check: source framework against ONNX Runtime"):
             got = run_onnx(work / "model.onnx", x)
         if got.shape != reference.shape:
             raise BuildError(f"parity check failed: ONNX output shape {got.shape}, "
@@ -274,7 +320,7 @@ class Builder:
     def _variant(self, manifest: Manifest, work: Path, precision: str) -> dict:
         """An fp16 or static-int8 copy of model.onnx, with how far its output moves from fp32's."""
         fp32, path = work / "model.onnx", work / f"model.{precision}.onnx"
-        with self.console.status(f"making the {precision} variant"):
+        with step(self.console, f"  making the {precision} variant"):
             if precision == "fp16":
                 _to_fp16(fp32, path)
             else:

@@ -2,9 +2,11 @@
 
 It starts `machaon serve` on the configuration given (by default the embedded
 one: SQLite, lv-segmentation, a results folder), sends a synthetic cardiac MR
-study to it by a real C-STORE association, waits for the job, prints where the
-SEG and SR are, and keeps serving until Ctrl-C. `--send-only AET@HOST:PORT`
-sends the phantom study to any DICOM node and exits.
+study to it by a real C-STORE association, waits for the job that study's
+completion gets, prints where the SEG and SR are, and keeps serving until Ctrl-C.
+`--send-only AET@HOST:PORT` sends the phantom study to any DICOM node and exits.
+The phantom is the same study each time (a fixed seed), so a second run waits for
+the jobs of its own, newer completion, not the finished ones of the first run.
 """
 
 from __future__ import annotations
@@ -66,29 +68,33 @@ def send_only(target: str, calling_ae: str, console: Console) -> int:
     return 0 if not failures else 1
 
 
-def run_demo(settings: Settings, console: Console, stopping) -> None:
-    """Called once `machaon serve` is listening: send the phantom study and report its job."""
+def run_demo(settings: Settings, console: Console, stopping, calling_ae: str = "DEMO") -> None:
+    """Called once `machaon serve` is listening: send the phantom study and report its jobs."""
     from ..startup import open_store
     from ..store import DeliveryStatus, JobStatus, show_study
 
     study = phantom_study(Path("var/demo"))
     files = study.sax_files + list(study.view_files.values())
     host = "127.0.0.1" if settings.dicom.host in ("0.0.0.0", "") else settings.dicom.host
-    stored, failures = send(files, settings.dicom.ae_title, host, settings.dicom.port, "DEMO")
-    console.print(f"[bold]demo:[/] sent phantom study {study.study_uid} ({stored} of {len(files)} images "
-                  f"stored) to {settings.dicom.ae_title}@{host}:{settings.dicom.port}")
-    if failures:
-        console.print(f"demo: not stored: {'; '.join(failures)}")
-        return
     store = open_store(settings)
     try:
+        # Completions of this study before the send (an earlier demo's): their jobs are not ours.
+        with store.read_session() as session:
+            before = (show_study(session, study.study_uid) or {"completion_count": 0})["completion_count"]
+        stored, failures = send(files, settings.dicom.ae_title, host, settings.dicom.port, calling_ae)
+        console.print(f"[bold]demo:[/] sent phantom study {study.study_uid} ({stored} of {len(files)} images "
+                      f"stored) from {calling_ae} to {settings.dicom.ae_title}@{host}:{settings.dicom.port}")
+        if failures:
+            console.print(f"demo: not stored: {'; '.join(failures)}")
+            return
         console.print(f"demo: waiting {settings.completion.complete_after:g} s of quiet for the study "
                       "to complete, then for its job...")
         deadline = time.monotonic() + settings.completion.complete_after + 300
         while time.monotonic() < deadline and not stopping.is_set():
             with store.read_session() as session:
                 shown = show_study(session, study.study_uid)
-            jobs = shown["jobs"] if shown else []
+            # The jobs of the completion our images caused: a later generation than any before.
+            jobs = [j for j in shown["jobs"] if j["generation"] > before] if shown else []
             results = [r for j in jobs for r in j["results"]]
             if jobs and all(JobStatus(j["status"]).finished for j in jobs) and all(
                     d["status"] == DeliveryStatus.SENT for r in results for d in r["deliveries"]):
