@@ -64,15 +64,21 @@ class Server:
             "spool": {"path": str(workdir / "spool"), "min_free_mb": 0},
             "database": {"url": db_url},
             "completion": {"complete_after": 1, "check_every": 0.2},
+            "api": {"host": "127.0.0.1", "port": free_port()},  # the REST API and page: a port of its own
         }
         for section, values in settings.items():
             sections.setdefault(section, {}).update(values)
         self.spool = Path(sections["spool"]["path"])
+        self.api_port = sections["api"]["port"]
         self.config = workdir / "machaon.toml"
         self.config.write_text("".join(
             f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
             for name, values in sections.items()) + extra)  # extra: TOML tables such as [[rules]]
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     def start(self) -> Server:
         self._log = self.log_path.open("a")
@@ -133,7 +139,7 @@ def _toml(value) -> str:
 def storescu(port: int, *files: Path | str, aet: str = "SCANNER", aec: str = "MACHAON",
              extra: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess:
     """DCMTK's storescu, the independent sender. -v logs each response."""
-    cmd = ["storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)]
+    cmd = ["/usr/bin/storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TCP_NODELAY": "1"})
 

@@ -1,21 +1,30 @@
 """`machaon serve`: the DICOM listener, the scheduler, the workers and the dispatcher in one
 process; `machaon worker`: only the workers. Both run until SIGTERM or Ctrl-C, after the
-checks in startup.py.
+checks in startup.py. `machaon serve` also serves the REST API and web page (api/) unless
+api.enabled is false.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .dispatch import Dispatcher
 from .inference import OrtSessions
-from .scheduler import build_scheduler
+from .scheduler import Scheduler, build_scheduler
+from .scp import StorageSCP
 from .startup import check_models, check_tls, open_spool, open_store, reconcile_spool, start_listener
+from .store import Store
 from .worker import Runner, Workers
+
+if TYPE_CHECKING:
+    from .api.app import Hooks
+    from .api.server import ApiServer
 
 log = logging.getLogger("machaon.serve")
 
@@ -24,7 +33,7 @@ def serve(settings: Settings, on_ready=None) -> None:
     """Run until SIGTERM or Ctrl-C; a second Ctrl-C aborts transfers in flight.
 
     `on_ready(stopping)`, if given, runs in its own thread once everything is up (the demo)."""
-    _until_stopped(lambda stopping, hurry: _run(settings, stopping, hurry, on_ready),
+    until_stopped(lambda stopping, hurry: _run(settings, stopping, hurry, on_ready),
                    f"letting transfers in flight finish (up to {settings.dicom.shutdown_grace:.0f} s; "
                    "Ctrl-C again aborts them)")
 
@@ -32,11 +41,11 @@ def serve(settings: Settings, on_ready=None) -> None:
 def work(settings: Settings) -> None:
     """`machaon worker`: only the job workers, beside a `machaon serve` that shares the
     job store and the spool, until SIGTERM or Ctrl-C."""
-    _until_stopped(lambda stopping, hurry: _work(settings, stopping, hurry),
+    until_stopped(lambda stopping, hurry: _work(settings, stopping, hurry),
                    "letting running jobs finish (Ctrl-C again leaves them to another worker)")
 
 
-def _until_stopped(run, finishing: str) -> None:
+def until_stopped(run, finishing: str) -> None:
     """`run(stopping, hurry)` with SIGTERM and Ctrl-C setting `stopping`, and a second one `hurry`."""
     stopping, hurry = threading.Event(), threading.Event()
 
@@ -61,7 +70,12 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
     check_tls(settings)
     spool = open_spool(settings)
     store = open_store(settings)
+    api = hooks = None
     try:
+        # The API's port is taken before the listener's, so that either in use stops start-up
+        # before any image is accepted; it answers once everything it drives is running.
+        if settings.api.enabled:
+            api, hooks = _bind_api(settings, store)
         started = time.time()
         scp = start_listener(settings, store, spool)
         # Once the port is ours, no other machaon is using this spool: what
@@ -77,10 +91,16 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
         runner.on_results = lambda: scheduler.run_soon("dispatch")
         scheduler.start()
         workers.start()
+        if api and hooks:
+            _wire_api(hooks, settings, scp, scheduler, workers, runner)
+            api.start()
         if on_ready:
             threading.Thread(target=on_ready, args=(stopping,), name="on-ready", daemon=True).start()
         while not stopping.wait(1):
             pass
+        # The API first: nothing new is asked of the parts stopping after it.
+        if api:
+            api.stop()
         # One grace period for everything in flight: transfers in, then sends out.
         deadline = time.monotonic() + settings.dicom.shutdown_grace
         scp.stop(settings.dicom.shutdown_grace, hurry)
@@ -88,7 +108,48 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
         workers.stop(hurry)
         dispatcher.stop(max(deadline - time.monotonic(), 0), hurry)
     finally:
+        if api:
+            api.stop()
         store.dispose()
+
+
+def _bind_api(settings: Settings, store: Store) -> tuple[ApiServer, Hooks]:
+    # Imported here: a service with api.enabled = false does without FastAPI.
+    from .api.app import Hooks, create_app
+    from .api.server import ApiServer
+
+    hooks = Hooks()
+    api = ApiServer(settings, create_app(settings, store, hooks))
+    api.bind()
+    return api, hooks
+
+
+def _wire_api(hooks: Hooks, settings: Settings, scp: StorageSCP, scheduler: Scheduler, workers: Workers,
+              runner: Runner) -> None:
+    """What the API's actions wake, and what its /readyz and /api/v1/models look at, in this process."""
+    hooks.jobs_queued = workers.wake
+    hooks.deliveries_due = lambda: scheduler.run_soon("dispatch")
+    hooks.studies_completed = lambda: scheduler.run_soon("completion")
+    hooks.listener_problem = lambda: _listener_problem(settings, scp)
+    hooks.ort_sessions = runner.ort_sessions
+
+
+def _listener_problem(settings: Settings, scp: StorageSCP) -> str | None:
+    """None while the DICOM listener accepts associations. Asked without connecting: a probe
+    connection would hold an association slot until pynetdicom's timeout."""
+    server, where = scp.server, f"{settings.dicom.host}:{settings.dicom.port}"
+    sock = server.socket if server is not None else None
+    try:
+        listening = sock is not None and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:  # closed
+        listening = False
+    if not listening:
+        return f"the DICOM listener on {where} has stopped"
+    busy = len(scp.ae.active_associations)
+    if busy >= settings.dicom.max_associations:
+        return (f"all {busy} associations dicom.max_associations allows are in use: new ones are "
+                "rejected until one ends")
+    return None
 
 
 def _work(settings: Settings, stopping: threading.Event, hurry: threading.Event) -> None:
