@@ -119,3 +119,13 @@ def test_shipped_examples_are_valid(tmp_path):
     assert examples
     for example in examples:
         load_settings(example, environ={})
+
+
+def test_serve_before_db_upgrade_says_so_and_leaves_no_empty_database_behind(tmp_path):
+    database = tmp_path / "var" / "machaon.db"
+    proc = run_machaon("serve", env={"MACHAON_DATABASE_URL": f"sqlite:///{database}",
+                                     "MACHAON_DICOM_PORT": str(free_port()),
+                                     "MACHAON_SPOOL_PATH": str(tmp_path / "spool")})
+    assert proc.returncode == EXIT_CONFIG
+    assert f"there is no job store at {database}: create it with `machaon db upgrade`" in proc.stderr
+    assert not database.exists()

@@ -22,12 +22,14 @@ def _demo_env(built_models: Path, port: int) -> dict:
     # The embedded default configuration, as a newcomer runs it, on a free port and a short quiet period.
     return {**os.environ, "MACHAON_MODELS_PATH": str(built_models), "MACHAON_DICOM_HOST": "127.0.0.1",
             "MACHAON_DICOM_PORT": str(port), "MACHAON_COMPLETION_COMPLETE_AFTER": "1",
-            "MACHAON_COMPLETION_CHECK_EVERY": "0.2"}
+            "MACHAON_COMPLETION_CHECK_EVERY": "0.2", "MACHAON_API_PORT": str(free_port())}
 
 
-def test_demo_runs_the_job_prints_its_results_and_keeps_serving(built_models, tmp_path):
+def test_demo_runs_the_job_prints_its_results_keeps_serving_and_a_second_run_reports_its_own_job(
+        built_models, tmp_path):
     port = free_port()
-    demo = subprocess.Popen([MACHAON, "demo"], cwd=tmp_path, env=_demo_env(built_models, port),
+    env = _demo_env(built_models, port)
+    demo = subprocess.Popen([MACHAON, "demo"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True)
@@ -58,6 +60,21 @@ def test_demo_runs_the_job_prints_its_results_and_keeps_serving(built_models, tm
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+    # The same phantom study again, into the same job store: the first run's job is finished, but
+    # it is the job of the new completion that is reported, once it has run.
+    first = output
+    second = _demo_until_ready(tmp_path, env, "--calling-ae", "CARDIO-MR")
+    [(first_job, _)] = re.findall(r"job (\d+) \(lv-segmentation\): (\w+)", first)
+    [(second_job, second_status)] = re.findall(r"job (\d+) \(lv-segmentation\): (\w+)", second)
+    assert int(second_job) > int(first_job) and second_status == "succeeded", second
+    assert "from CARDIO-MR to MACHAON@127.0.0.1" in second
+    [study_uid] = re.findall(r"sent phantom study ([\d.]+)", second)
+    shown = subprocess.run([MACHAON, "studies", "show", study_uid, "--json"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    study = json.loads(shown.stdout)
+    assert study["completion_count"] == 2
+    assert {i["calling_ae"] for s in study["series"] for i in s["instances"]} == {"CARDIO-MR"}
 
 
 def test_send_only_stores_the_phantom_study_in_orthanc(orthanc, tmp_path):
@@ -98,24 +115,6 @@ def _demo_until_ready(cwd: Path, env: dict, *args: str) -> str:
             demo.kill()
             demo.wait()
     return "".join(lines)
-
-
-def test_a_second_demo_reports_the_job_of_its_own_send(built_models, tmp_path):
-    env = _demo_env(built_models, free_port())
-    first = _demo_until_ready(tmp_path, env)
-    # The same phantom study again, into the same job store: the first run's job is finished, but
-    # it is the job of the new completion that is reported, once it has run.
-    second = _demo_until_ready(tmp_path, env, "--calling-ae", "CARDIO-MR")
-    [(first_job, first_status)] = re.findall(r"job (\d+) \(lv-segmentation\): (\w+)", first)
-    [(second_job, second_status)] = re.findall(r"job (\d+) \(lv-segmentation\): (\w+)", second)
-    assert int(second_job) > int(first_job) and first_status == second_status == "succeeded", second
-    assert "from CARDIO-MR to MACHAON@127.0.0.1" in second
-    [study_uid] = re.findall(r"sent phantom study ([\d.]+)", second)
-    shown = subprocess.run([MACHAON, "studies", "show", study_uid, "--json"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True)
-    study = json.loads(shown.stdout)
-    assert study["completion_count"] == 2
-    assert {i["calling_ae"] for s in study["series"] for i in s["instances"]} == {"CARDIO-MR"}
 
 
 def test_send_only_calls_with_the_ae_title_given(serve, tmp_path):

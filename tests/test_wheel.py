@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,9 @@ def test_the_installed_wheel_builds_a_model_and_serves_on_the_embedded_default(i
     assert (tmp_path / "build" / "models" / "lv-segmentation" / "model.onnx").exists(), built.stdout
     run(machaon, "db", "upgrade", cwd=tmp_path)
     port = free_port()
-    env = {**os.environ, "MACHAON_DICOM_HOST": "127.0.0.1", "MACHAON_DICOM_PORT": str(port)}
+    api = free_port()
+    env = {**os.environ, "MACHAON_DICOM_HOST": "127.0.0.1", "MACHAON_DICOM_PORT": str(port),
+           "MACHAON_API_PORT": str(api)}
     env.pop("MACHAON_CONFIG", None)
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([machaon, "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -69,6 +72,11 @@ def test_the_installed_wheel_builds_a_model_and_serves_on_the_embedded_default(i
         echo = subprocess.run(["/usr/bin/echoscu", "-aec", "MACHAON", "127.0.0.1", str(port)], capture_output=True,
                               text=True, timeout=30)
         assert echo.returncode == 0, echo.stderr
+        # The web page's templates and static files are in the wheel: its sign-in page renders.
+        with urllib.request.urlopen(f"http://127.0.0.1:{api}/signin", timeout=10) as page:
+            assert "Sign in" in page.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{api}/static/machaon.css", timeout=10) as css:
+            assert css.status == 200
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(60)

@@ -136,3 +136,6 @@ def _report(console: Console, settings: Settings, jobs: list[dict], study: phant
     console.print(f"demo: the phantom's true LV cavity volume is {study.cavity_volume_ml:.1f} ml. "
                   f"machaon keeps running for your own studies (AE {settings.dicom.ae_title}, "
                   f"port {settings.dicom.port}); Ctrl-C stops it.")
+    if settings.api.enabled:
+        console.print(f"demo: the web page is at http://{settings.api.host}:{settings.api.port}/ ; sign in "
+                      "with a token from `machaon tokens create YOUR-NAME --role operator`")
