@@ -86,10 +86,13 @@ class PureOnnxRuntime:
 
 
 def shown(store, study_uid: str) -> dict | None:
-    from machaon.store import show_study
+    from machaon.operations import NotFound, show_study
 
     with store.read_session() as session:
-        return show_study(session, study_uid)
+        try:
+            return show_study(session, study_uid)
+        except NotFound:
+            return None
 
 
 def one_study(server: Server, store, orthanc: Orthanc, peer: PureOnnxRuntime, workdir: Path, seed: int,

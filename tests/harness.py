@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class Server:
             sections.setdefault(section, {}).update(values)
         self.spool = Path(sections["spool"]["path"])
         self.api_port = sections["api"]["port"]
+        self.api_enabled = sections["api"].get("enabled", True)
+        self._token: str | None = None
         self.config = workdir / "machaon.toml"
         self.config.write_text("".join(
             f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
@@ -82,13 +85,16 @@ class Server:
 
     def start(self) -> Server:
         self._log = self.log_path.open("a")
+        earlier = len(self.log())  # a server restarted in the same folder appends to its log
         self.proc = subprocess.Popen([MACHAON, "serve", "--config", str(self.config)],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"machaon serve exited {self.proc.returncode}:\n{self.log()}")
-            if "listening as" in self.log():
+            log = self.log()[earlier:]
+            # The API starts last: once it answers, everything it drives is running.
+            if "listening as" in log and (not self.api_enabled or "API and web page on" in log):
                 return self
             time.sleep(0.05)
         raise AssertionError(f"machaon serve did not start:\n{self.log()}")
@@ -113,8 +119,33 @@ class Server:
         return run_machaon(*args, config=self.config, check=check)
 
     def study(self, study_uid: str) -> dict | None:
-        proc = self.machaon("studies", "show", study_uid, "--json", check=False)
-        return json.loads(proc.stdout) if proc.returncode == 0 else None
+        """`studies show --json`, asked of the server's API where it has one: tests poll this, and a
+        `machaon` process per poll would take the CPU the server under test needs."""
+        if not self.api_enabled:
+            proc = self.machaon("studies", "show", study_uid, "--json", check=False)
+            return json.loads(proc.stdout) if proc.returncode == 0 else None
+        request = urllib.request.Request(f"{self.api_url}/api/v1/studies/{study_uid}",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    @property
+    def token(self) -> str:
+        """A viewer's token for the server's API, made on first use."""
+        if self._token is None:
+            from machaon import operations
+            from machaon.store import Store
+            store = Store(self.db_url)
+            try:
+                self._token = operations.create_token(store, f"tests-{self.port}", "viewer", "tests")
+            finally:
+                store.dispose()
+        return self._token
 
     def wait_for(self, predicate, timeout: float = 20, what: str = "condition"):
         deadline = time.monotonic() + timeout

@@ -61,9 +61,13 @@ def test_reading_needs_a_token_and_acting_an_operators_token(serve):
             response = Api(server, who).get(path)
             assert response.status_code == 200, (path, response.text)
     assert Api(server, viewer).get("/api/v1/summary").json()["jobs"]["failed"] == 0
-    # The page's cookie is a token too.
+    # The page's cookie is a token for reading; never for acting, which a form posted from another
+    # page of the same site (another port of this host) would do with it.
     cookie = requests.get(f"{server.api_url}/api/v1/events", cookies={"machaon_token": viewer}, timeout=30)
     assert {e["action"] for e in cookie.json()} == {"token.created"}
+    forged = requests.post(f"{server.api_url}/api/v1/jobs/retry", cookies={"machaon_token": operator},
+                           headers={"Origin": "http://127.0.0.1:8042"}, timeout=30)
+    assert "machaon tokens create" in error_of(forged, 401)
 
     reader = Api(server, viewer)
     assert "1.2.3.4" in error_of(reader.get("/api/v1/studies/1.2.3.4"), 404)

@@ -108,6 +108,7 @@ def test_unreachable_database_is_refused(tmp_path):
 
 
 def test_database_without_schema_asks_for_upgrade(tmp_path):
+    (tmp_path / "empty.db").touch()  # a database file, but no tables in it
     message = start_refused(tmp_path, f'[dicom]\nport = {free_port()}\n[spool]\npath = "{tmp_path}/s"\n'
                             f'[database]\nurl = "sqlite:///{tmp_path}/empty.db"\n')
     assert "database.url (set in FILE): the database has no machaon tables: run `machaon db upgrade`" in message

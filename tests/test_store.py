@@ -11,6 +11,7 @@ import pytest
 from alembic import command
 from machaon.cli import main
 from machaon.completion import complete_quiet_studies
+from machaon.operations import list_studies, show_study
 from machaon.planner import plan_jobs
 from machaon.rules import Match, Rule
 from machaon.spool import Spool
@@ -23,9 +24,7 @@ from machaon.store import (
     Study,
     _alembic_config,
     check_schema,
-    list_studies,
     record_instance,
-    show_study,
     upgrade,
 )
 from pydicom.uid import generate_uid

@@ -190,27 +190,29 @@ def _send_batch(settings: Settings, store: Store, spool: Spool, destination: Des
 
 def _mark_sent(store: Store, name: str, row: Any, sop_uid: str) -> None:
     with store.session.begin() as session:
+        # The study's row first, then the delivery's, in the order workers lock them: of two
+        # destinations finishing at once, one sees the other's send (_all_delivered).
+        study = session.execute(select(Study).where(Study.study_uid == row.study_uid)
+                                .with_for_update()).scalar()
         delivery = session.get(Delivery, row.id, with_for_update=True)
-        if delivery is None:  # its study was deleted meanwhile
+        if study is None or delivery is None:  # its study was deleted meanwhile
             return
         now = utcnow()
         delivery.status, delivery.sent_at, delivery.last_error = DeliveryStatus.SENT, now, None
         delivery.attempts += 1
         add_event(session, "dispatcher", "result.sent", row.study_uid, destination=name,
                   sop_instance_uid=sop_uid)
-        last_received = _all_delivered(session, row.study_uid)
+        last_received = _all_delivered(session, study)
     metrics.delivery_sent(name)
     if last_received is not None:
         metrics.study_delivered((now - last_received).total_seconds())
     log.info("sent %s to %s", sop_uid, name)
 
 
-def _all_delivered(session: Session, study_uid: str) -> datetime | None:
+def _all_delivered(session: Session, study: Study) -> datetime | None:
     """When the study's last image was received, if this delivery was its last: the study is
-    complete, none of its jobs is still to run, and none of its results waits to be sent. Its row
-    is locked first, so that of two destinations finishing at once, one sees the other's send."""
-    study = session.execute(select(Study).where(Study.study_uid == study_uid).with_for_update()).scalar()
-    if study is None or study.status != StudyStatus.COMPLETE:
+    complete, none of its jobs is still to run, and none of its results waits to be sent."""
+    if study.status != StudyStatus.COMPLETE:
         return None
     unfinished = select(Job.id).where(Job.study_id == study.id,
                                       Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 import rich.progress as bars
@@ -31,6 +32,14 @@ def short_uid(uid: str, width: int = UID_WIDTH) -> str:
     """The end of a UID, after an ellipsis: UIDs from one source share their root and differ
     at the end. `machaon studies show` accepts this form while it names one study."""
     return uid if len(uid) <= width else ELLIPSIS + uid[-(width - 1):]
+
+
+def local_time(iso: str | None) -> str:
+    """A time from the store (UTC, ISO 8601 with a Z) as the machine's local time, to the second:
+    what people read in tables (--json keeps UTC)."""
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def wide_flag() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ from what a sender writes (AE titles, SOP classes), so the number of series stay
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
@@ -34,6 +33,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from . import operations
 from .config import Settings
 from .store import Delivery, DeliveryStatus, Job, JobStatus, Store, Study, StudyStatus, utcnow
 
@@ -171,16 +171,15 @@ class _Scrape(Collector):
 
 
 def _spool(settings: Settings) -> Iterator[Metric]:
-    try:
-        usage = shutil.disk_usage(settings.spool.path)
-    except OSError as exc:
-        log.warning("metrics: the spool %s cannot be read: %s", settings.spool.path, exc.strerror)
+    disk = operations.spool_disk(settings)
+    if disk["free_bytes"] is None:
+        log.warning("metrics: the spool %s cannot be read", settings.spool.path)
         return
     for name, help_text, value in (
-        ("machaon_spool_free_bytes", "Free space on the spool's file system", usage.free),
-        ("machaon_spool_total_bytes", "Size of the spool's file system", usage.total),
+        ("machaon_spool_free_bytes", "Free space on the spool's file system", disk["free_bytes"]),
+        ("machaon_spool_total_bytes", "Size of the spool's file system", disk["total_bytes"]),
         ("machaon_spool_min_free_bytes", "Free space below which instances are refused (spool.min_free_mb)",
-         settings.spool.min_free_mb * 1024 * 1024),
+         disk["min_free_bytes"]),
     ):
         yield GaugeMetricFamily(name, help_text, value=value)
 

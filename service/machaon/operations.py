@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import shutil
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, or_, select, update
+import sqlalchemy.exc
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from .completion import complete_study as mark_complete
@@ -29,6 +31,7 @@ from .store import (
     Delivery,
     DeliveryStatus,
     Event,
+    Instance,
     Job,
     JobStatus,
     Result,
@@ -39,9 +42,6 @@ from .store import (
     StudyStatus,
     add_event,
     utcnow,
-)
-from .store import (
-    show_study as _show_study,
 )
 
 if TYPE_CHECKING:
@@ -76,6 +76,8 @@ CANCELLABLE = (JobStatus.QUEUED,)
 # How operators see a delivery: pending with an error is failing (retried after a backoff).
 DELIVERY_STATES = ("pending", "failed", "sent")
 DEFAULT_LIMIT = 100
+# Jobs queued again per transaction by retry_failed_jobs.
+RETRY_CHUNK = 200
 
 
 def iso(value: datetime | None) -> str | None:
@@ -90,7 +92,10 @@ def parse_since(text: str | None) -> datetime | None:
         return None
     if match := re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text):
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-        return utcnow() - timedelta(**{unit: int(match.group(1))})
+        try:
+            return utcnow() - timedelta(**{unit: int(match.group(1))})
+        except OverflowError:
+            raise Invalid(f"since={text!r} reaches back before the year 1") from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -108,29 +113,117 @@ def _limit(limit: int | None) -> int:
 
 # --- studies ----------------------------------------------------------------------------
 
+def _study_dict(study: Study, series_count: int, instance_count: int) -> dict:
+    return {
+        "study_uid": study.study_uid,
+        "patient_id": study.patient_id,
+        "patient_name": study.patient_name,
+        "accession_number": study.accession_number,
+        "study_date": study.study_date,
+        "study_description": study.study_description,
+        "status": study.status,
+        "series_count": series_count,
+        "instance_count": instance_count,
+        "first_received_at": iso(study.first_received_at),
+        "last_received_at": iso(study.last_received_at),
+        "completed_at": iso(study.completed_at),
+        "completion_count": study.completion_count,
+        "planning_error": study.planning_error,
+    }
+
+
 def list_studies(session: Session, status: str | None = None, q: str | None = None,
                  since: datetime | None = None, limit: int | None = DEFAULT_LIMIT) -> list[dict]:
-    """Studies, most recently received first; `q` is a patient ID, accession number or Study
-    Instance UID (whole, or its end as the tables show it: "…8.498.1234"), or a study date
-    (YYYYMMDD)."""
-    from .store import list_studies as studies
+    """Studies, most recently received first, with their series and instance counts; `q` is a
+    patient ID, accession number or Study Instance UID (whole, or its end as the tables show it:
+    "…8.498.1234"), or a study date (YYYYMMDD)."""
     if status and status not in set(StudyStatus):
         raise Invalid(f"status={status!r}: use one of {', '.join(StudyStatus)}")
-    where = []
+    query = select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(_limit(limit))
+    if status:
+        query = query.where(Study.status == status)
     if q and (q := q.strip()):
-        where.append(or_(Study.patient_id == q, Study.accession_number == q, Study.study_date == q,
-                         Study.study_uid.endswith(q.lstrip("…"), autoescape=True)))
+        query = query.where(or_(Study.patient_id == q, Study.accession_number == q, Study.study_date == q,
+                                Study.study_uid.endswith(q.lstrip("…"), autoescape=True)))
     if since:
-        where.append(Study.last_received_at >= since)
-    return studies(session, status=status, limit=_limit(limit), where=where)
+        query = query.where(Study.last_received_at >= since)
+    studies = session.execute(query).scalars().all()
+    # Counted for the page of studies shown only: a count over every instance would read them all.
+    counts = {study_id: (n_series, n_instances) for study_id, n_series, n_instances in session.execute(
+        select(SeriesRow.study_id, func.count(func.distinct(SeriesRow.id)), func.count(Instance.id))
+        .outerjoin(Instance, Instance.series_id == SeriesRow.id)
+        .where(SeriesRow.study_id.in_([s.id for s in studies])).group_by(SeriesRow.study_id))}
+    return [_study_dict(s, *counts.get(s.id, (0, 0))) for s in studies]
 
 
 def show_study(session: Session, study_uid: str) -> dict:
-    study = _show_study(session, study_uid)
+    """One study with its series, instances, jobs (with their results and deliveries) and history."""
+    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
     if study is None:
         raise NotFound(f"no study with Study Instance UID {study_uid} (search by patient ID or "
                        "accession number to find its UID)")
-    return study
+    series = [{
+        "series_uid": s.series_uid, "modality": s.modality, "series_number": s.series_number,
+        "series_description": s.series_description, "status": s.status, "instance_count": len(s.instances),
+        "first_received_at": iso(s.first_received_at), "last_received_at": iso(s.last_received_at),
+        "completed_at": iso(s.completed_at),
+        "instances": [{
+            "sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid,
+            "transfer_syntax_uid": i.transfer_syntax_uid, "instance_number": i.instance_number,
+            "path": i.path, "size_bytes": i.size_bytes, "calling_ae": i.calling_ae,
+            "received_at": iso(i.received_at), "receive_count": i.receive_count,
+        } for i in s.instances],
+    } for s in study.series]
+    shown = _study_dict(study, len(series), sum(len(s.instances) for s in study.series))
+    shown["series"] = series
+    shown["jobs"] = _study_jobs(session, study.id)
+    shown["events"] = [{k: e[k] for k in ("at", "actor", "action", "detail")}
+                       for e in _events(session, study_uid=study_uid, oldest_first=True)]
+    return shown
+
+
+def find_study(session: Session, text: str) -> dict:
+    """show_study for a whole Study Instance UID, or for its end as the tables show it ("…8.498.12")
+    where only one study's UID ends so."""
+    end = text.removeprefix("…").removeprefix("...")
+    if end == text or not end:
+        return show_study(session, text)
+    found = session.execute(select(Study.study_uid).where(Study.study_uid.endswith(end, autoescape=True))
+                            .limit(2)).scalars().all()
+    if len(found) > 1:
+        raise Invalid(f"more than one study's UID ends in {end}: give the whole UID "
+                      "(`machaon studies list --wide` shows them)")
+    if not found:
+        raise NotFound(f"no study's UID ends in {end}")
+    return show_study(session, found[0])
+
+
+def _study_jobs(session: Session, study_id: int) -> list[dict]:
+    jobs = session.execute(select(Job, SeriesRow.series_uid)
+                           .outerjoin(SeriesRow, SeriesRow.id == Job.series_id)
+                           .where(Job.study_id == study_id).order_by(Job.id)).all()
+    return [{
+        "id": job.id, "model": job.model, "rule": job.rule, "series_uid": series_uid,
+        "destinations": None if job.destinations is None else json.loads(job.destinations),
+        "generation": job.generation, "status": job.status, "attempts": job.attempts, "error": job.error,
+        "superseded_by": job.superseded_by, "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
+        "results": _results(session, job.id),
+    } for job, series_uid in jobs]
+
+
+def _results(session: Session, job_id: int) -> list[dict]:
+    """A job's results, each with the deliveries of its object (an earlier run of the same
+    object may have delivered it already)."""
+    results = session.execute(select(Result).where(Result.job_id == job_id).order_by(Result.id)).scalars()
+    return [{
+        "kind": r.kind, "sop_instance_uid": r.sop_instance_uid, "series_uid": r.series_uid, "path": r.path,
+        "deliveries": [{"id": d.id, "destination": d.destination, "status": d.status, "attempts": d.attempts,
+                        "last_error": d.last_error, "sent_at": iso(d.sent_at)}
+                       for d in session.execute(select(Delivery).join(Result, Result.id == Delivery.result_id)
+                                                .where(Result.sop_instance_uid == r.sop_instance_uid)
+                                                .order_by(Delivery.id)).scalars()],
+    } for r in results]
 
 
 def _locked_study(session: Session, study_uid: str) -> Study:
@@ -162,6 +255,9 @@ def reprocess_study(store: Store, rules: list[Rule], study_uid: str, actor: str,
         if study.status != StudyStatus.COMPLETE:
             raise Conflict(f"study {study_uid} is still receiving: wait for it to complete, or "
                            "complete it now (`machaon studies complete`)")
+        if study.planned_count < study.completion_count:
+            raise Conflict(f"study {study_uid} has just completed and its jobs are being planned: "
+                           "look at its jobs in a few seconds before reprocessing it")
         planned, problems, _ = matched(session, rules, study.id, study_uid)
         if model:
             planned = [p for p in planned if p[2] == model]
@@ -223,7 +319,6 @@ def list_jobs(session: Session, status: str | None = None, model: str | None = N
 
 def show_job(session: Session, job_id: int) -> dict:
     """One job: what list_jobs says, and its destinations, stage timings, history and results."""
-    from .store import _results
     row = session.execute(_jobs_query().where(Job.id == job_id)).first()
     if row is None:
         raise NotFound(f"no job {job_id} (`machaon jobs list` shows the jobs)")
@@ -248,15 +343,19 @@ def _mentions(detail: dict, job_id: int) -> bool:
 
 
 def _queue_again(session: Session, jobs: Sequence[Job], actor: str) -> None:
-    """Failed or cancelled jobs queued again, their attempts counted afresh."""
+    """Failed or cancelled jobs queued again, their attempts counted afresh; one event each."""
     studies = dict(session.execute(select(Study.id, Study.study_uid).where(
         Study.id.in_({job.study_id for job in jobs}))).all())
-    for job in jobs:
-        add_event(session, actor, "job.retried", studies[job.study_id], job=job.id, model=job.model,
-                  was=job.status, previous_error=job.error)
-        # Due from now: how long it has waited counts from the retry, not from its first queueing.
-        job.status, job.attempts, job.not_before, job.error = JobStatus.QUEUED, 0, utcnow(), None
-        job.started_at = job.finished_at = job.lease_owner = job.lease_expires_at = None
+    now = utcnow()
+    session.execute(insert(Event), [dict(
+        at=now, actor=actor, action="job.retried", study_uid=studies[job.study_id],
+        detail=json.dumps({"job": job.id, "model": job.model, "was": job.status,
+                           "previous_error": job.error}),
+    ) for job in jobs])
+    # Due from now: how long it has waited counts from the retry, not from its first queueing.
+    session.execute(update(Job).where(Job.id.in_([job.id for job in jobs])).values(
+        status=JobStatus.QUEUED, attempts=0, stops=0, not_before=now, error=None, started_at=None,
+        finished_at=None, lease_owner=None, lease_expires_at=None))
 
 
 def _locked_jobs(session: Session, ids: Iterable[int]) -> list[Job]:
@@ -302,17 +401,24 @@ def count_failed_jobs(session: Session, since: datetime | None = None, model: st
 
 def retry_failed_jobs(store: Store, actor: str, since: datetime | None = None, model: str | None = None,
                       progress: Callable[[int, int], None] | None = None) -> dict:
-    """Queue again every failed job (failed since `since`, of `model`), in one transaction;
-    `progress(done, total)` is called as it goes."""
-    chunk = 500
-    with store.session.begin() as session:
-        jobs = session.execute(_failed(select(Job), since, model).order_by(Job.id)
-                               .with_for_update()).scalars().all()
-        for start in range(0, len(jobs), chunk):
-            _queue_again(session, jobs[start:start + chunk], actor)
-            if progress:
-                progress(min(start + chunk, len(jobs)), len(jobs))
-    return {"retried": [j.id for j in jobs]}
+    """Queue again every failed job (failed since `since`, of `model`), a few hundred per
+    transaction so that ingest and the workers are never held up for long; `progress(done, total)`
+    is called after each."""
+    with store.read_session() as session:
+        ids = list(session.execute(_failed(select(Job.id), since, model).order_by(Job.id)).scalars())
+    retried: list[int] = []
+    for start in range(0, len(ids), RETRY_CHUNK):
+        with store.session.begin() as session:
+            # Still failed: another operator or a worker may have moved some meanwhile.
+            jobs = session.execute(select(Job).where(Job.id.in_(ids[start:start + RETRY_CHUNK]),
+                                                     Job.status == JobStatus.FAILED)
+                                   .with_for_update()).scalars().all()
+            if jobs:
+                _queue_again(session, jobs, actor)
+        retried += [job.id for job in jobs]
+        if progress:
+            progress(min(start + RETRY_CHUNK, len(ids)), len(ids))
+    return {"retried": sorted(retried)}
 
 
 def cancel_jobs(store: Store, ids: Iterable[int], actor: str) -> dict:
@@ -327,6 +433,18 @@ def cancel_jobs(store: Store, ids: Iterable[int], actor: str) -> dict:
             job.status, job.finished_at = JobStatus.CANCELLED, now
             add_event(session, actor, "job.cancelled", studies[job.study_id], job=job.id, model=job.model)
     return {"cancelled": [j.id for j in jobs]}
+
+
+def find_result(session: Session, study_uid: str, sop_instance_uid: str) -> dict:
+    """A result of the study's jobs: its kind and where it is kept, relative to the spool."""
+    row = session.execute(select(Result.kind, Result.path).join(Job, Job.id == Result.job_id)
+                          .join(Study, Study.id == Job.study_id)
+                          .where(Study.study_uid == study_uid, Result.sop_instance_uid == sop_instance_uid)
+                          .limit(1)).first()
+    if row is None:
+        raise NotFound(f"study {study_uid} has no result {sop_instance_uid}: its page lists the results "
+                       "its jobs made")
+    return {"kind": row.kind, "path": row.path}
 
 
 # --- deliveries -------------------------------------------------------------------------
@@ -371,7 +489,7 @@ def retry_deliveries(store: Store, actor: str, ids: Iterable[int] | None = None,
                  .join(Job, Job.id == Result.job_id).join(Study, Study.id == Job.study_id))
         if ids is not None:
             wanted = set(ids)
-            rows = session.execute(query.where(Delivery.id.in_(wanted)).with_for_update()).all()
+            rows = session.execute(query.where(Delivery.id.in_(wanted)).with_for_update(of=Delivery)).all()
             missing = sorted(wanted - {d.id for d, _ in rows})
             if missing:
                 raise NotFound(f"no delivery {', '.join(map(str, missing))} "
@@ -383,7 +501,7 @@ def retry_deliveries(store: Store, actor: str, ids: Iterable[int] | None = None,
         elif destination:
             rows = session.execute(query.where(Delivery.destination == destination,
                                                Delivery.status == DeliveryStatus.PENDING)
-                                   .with_for_update()).all()
+                                   .with_for_update(of=Delivery)).all()
         else:
             raise Invalid("name deliveries by ID, or a destination")
         now = utcnow()
@@ -427,18 +545,22 @@ def _percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))], 3)
+    return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)], 3)
 
 
 def _latencies(session: Session, since: datetime) -> list[tuple[datetime, float]]:
     """For each study with a result delivered since `since`: when its last result was delivered,
     and the seconds from its last image received to then."""
-    last_sent = (select(Job.study_id, func.max(Delivery.sent_at).label("sent_at"))
-                 .join(Result, Result.id == Delivery.result_id).join(Job, Job.id == Result.job_id)
-                 .where(Delivery.sent_at >= since).group_by(Job.study_id).subquery())
-    rows = session.execute(select(last_sent.c.sent_at, Study.last_received_at)
-                           .join(Study, Study.id == last_sent.c.study_id)).all()
-    return [(sent, max((sent - received).total_seconds(), 0.0)) for sent, received in rows]
+    last_sent: dict[int, datetime] = {}
+    for study_id, sent in session.execute(
+            select(Job.study_id, Delivery.sent_at).join(Result, Result.id == Delivery.result_id)
+            .join(Job, Job.id == Result.job_id).where(Delivery.sent_at >= since)).all():
+        if sent is not None:
+            last_sent[study_id] = max(sent, last_sent.get(study_id, sent))
+    received = dict(session.execute(select(Study.id, Study.last_received_at)
+                                    .where(Study.id.in_(last_sent))).all()) if last_sent else {}
+    return [(sent, max((sent - received[study]).total_seconds(), 0.0))
+            for study, sent in last_sent.items() if study in received]
 
 
 def summary(session: Session, settings: Settings) -> dict:
@@ -451,8 +573,8 @@ def summary(session: Session, settings: Settings) -> dict:
     studies = dict.fromkeys(StudyStatus, 0) | dict(session.execute(
         select(Study.status, func.count()).group_by(Study.status)).all())
     # A job waiting out a retry's backoff is not late: it waits from when it is due.
-    oldest = session.execute(select(func.min(func.coalesce(Job.not_before, Job.created_at)))
-                             .where(Job.status == JobStatus.QUEUED)).scalar()
+    oldest = session.execute(select(func.min(func.coalesce(Job.not_before, Job.created_at))).where(
+        Job.status == JobStatus.QUEUED, Job.not_before.is_(None) | (Job.not_before <= now))).scalar()
 
     def finished_since(status: JobStatus, since: datetime) -> int:
         return session.execute(select(func.count()).where(Job.status == status,
@@ -476,7 +598,7 @@ def summary(session: Session, settings: Settings) -> dict:
             "latency_p95_s": _percentile(latencies, 95),
         },
         "deliveries": _backlog(session, settings),
-        "spool": _disk(settings),
+        "spool": spool_disk(settings),
     }
 
 
@@ -507,7 +629,9 @@ def _backlog(session: Session, settings: Settings) -> list[dict]:
     return list(backlog.values())
 
 
-def _disk(settings: Settings) -> dict:
+def spool_disk(settings: Settings) -> dict:
+    """The spool's disk: free and total bytes (None where it cannot be read) and the floor below
+    which the listener refuses images."""
     path = settings.spool.path
     try:
         usage = shutil.disk_usage(path)
@@ -627,6 +751,9 @@ def authenticate(store: Store, token: str) -> Principal | None:
         return None
     now = utcnow()
     if found.last_used_at is None or now - found.last_used_at > LAST_USED_EVERY:
-        with store.session.begin() as session:
-            session.execute(update(ApiToken).where(ApiToken.id == found.id).values(last_used_at=now))
+        try:
+            with store.session.begin() as session:
+                session.execute(update(ApiToken).where(ApiToken.id == found.id).values(last_used_at=now))
+        except sqlalchemy.exc.OperationalError:  # the store is busy: the token is still good
+            pass
     return Principal(found.name, Role(found.role))

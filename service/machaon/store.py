@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -58,6 +56,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -124,7 +123,7 @@ class Study(Base):
     # When the study last went to "receiving" (first image, or reopened).
     opened_at: Mapped[datetime] = mapped_column(DateTime)
     last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
     # How many times the study was completed: 2 means it was reopened once.
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
     # How many of those completions have had their jobs planned (rules applied).
@@ -181,7 +180,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         # The queue, in the order workers take it; and operators' lists of recent failures.
-        Index("ix_jobs_queue", "status", "priority", "created_at"),
+        Index("ix_jobs_queue", "status", text("priority DESC"), "created_at", "id"),
         Index("ix_jobs_status_finished", "status", "finished_at"),
         Index("ix_jobs_status_model", "status", "model"),  # counts per state and model (metrics)
     )
@@ -200,8 +199,10 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # A job queued again after a failure that may pass waits until then (backoff).
     not_before: Mapped[datetime | None] = mapped_column(DateTime)
-    # Seconds spent in each stage of its last successful run (a JSON object).
+    # Seconds spent in each stage of its last run (a JSON object).
     timings: Mapped[str | None] = mapped_column(Text)
+    # How many of its attempts ended with its worker stopping (its lease ran out).
+    stops: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
@@ -528,110 +529,3 @@ def record_facts(conn: Connection, instance_id: int, series_id: int, inst: Recei
         frames=inst.frames, rows=inst.rows, columns=inst.columns))
     conn.execute(update(SeriesRow).where(SeriesRow.id == series_id).values(
         **{c.key: func.coalesce(c, getattr(inst, c.key)) for c in _SERIES_FACTS}))
-
-
-# --- queries for operators ------------------------------------------------------------
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
-
-
-def _study_dict(study: Study, series_count: int, instance_count: int) -> dict:
-    return {
-        "study_uid": study.study_uid,
-        "patient_id": study.patient_id,
-        "patient_name": study.patient_name,
-        "accession_number": study.accession_number,
-        "study_date": study.study_date,
-        "study_description": study.study_description,
-        "status": study.status,
-        "series_count": series_count,
-        "instance_count": instance_count,
-        "first_received_at": _iso(study.first_received_at),
-        "last_received_at": _iso(study.last_received_at),
-        "completed_at": _iso(study.completed_at),
-        "completion_count": study.completion_count,
-        "planning_error": study.planning_error,
-    }
-
-
-def list_studies(session: Session, status: str | None = None, limit: int | None = None,
-                 where: Sequence[Any] = ()) -> list[dict]:
-    """Studies, most recently received first, with their series and instance counts."""
-    counts = (
-        select(SeriesRow.study_id, func.count(func.distinct(SeriesRow.id)).label("n_series"),
-               func.count(Instance.id).label("n_instances"))
-        .outerjoin(Instance, Instance.series_id == SeriesRow.id)
-        .group_by(SeriesRow.study_id).subquery()
-    )
-    query = (
-        select(Study, func.coalesce(counts.c.n_series, 0), func.coalesce(counts.c.n_instances, 0))
-        .outerjoin(counts, counts.c.study_id == Study.id)
-        .order_by(Study.last_received_at.desc(), Study.id.desc())
-    )
-    if status:
-        query = query.where(Study.status == status)
-    if where:
-        query = query.where(*where)
-    if limit:
-        query = query.limit(limit)
-    return [_study_dict(s, n_series, n_inst) for s, n_series, n_inst in session.execute(query)]
-
-
-def _jobs(session: Session, study_id: int) -> list[dict]:
-    jobs = session.execute(select(Job, SeriesRow.series_uid)
-                           .outerjoin(SeriesRow, SeriesRow.id == Job.series_id)
-                           .where(Job.study_id == study_id).order_by(Job.id)).all()
-    return [{
-        "id": job.id, "model": job.model, "rule": job.rule, "series_uid": series_uid,
-        "destinations": None if job.destinations is None else json.loads(job.destinations),
-        "generation": job.generation, "status": job.status, "attempts": job.attempts, "error": job.error,
-        "superseded_by": job.superseded_by, "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
-        "results": _results(session, job.id),
-    } for job, series_uid in jobs]
-
-
-def _results(session: Session, job_id: int) -> list[dict]:
-    """A job's results, each with the deliveries of its object (an earlier run of the same
-    object may have delivered it already)."""
-    results = session.execute(select(Result).where(Result.job_id == job_id).order_by(Result.id)).scalars()
-    return [{
-        "kind": r.kind, "sop_instance_uid": r.sop_instance_uid, "series_uid": r.series_uid, "path": r.path,
-        "deliveries": [{"destination": d.destination, "status": d.status, "attempts": d.attempts,
-                        "last_error": d.last_error, "sent_at": _iso(d.sent_at)}
-                       for d in session.execute(select(Delivery).join(Result, Result.id == Delivery.result_id)
-                                                .where(Result.sop_instance_uid == r.sop_instance_uid)
-                                                .order_by(Delivery.id)).scalars()],
-    } for r in results]
-
-
-def show_study(session: Session, study_uid: str) -> dict | None:
-    """One study with its series, instances and event history; None if unknown."""
-    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
-    if study is None:
-        return None
-    series: list[dict[str, Any]] = []
-    for s in study.series:
-        series.append({
-            "series_uid": s.series_uid, "modality": s.modality, "series_number": s.series_number,
-            "series_description": s.series_description, "status": s.status,
-            "instance_count": len(s.instances),
-            "first_received_at": _iso(s.first_received_at), "last_received_at": _iso(s.last_received_at),
-            "completed_at": _iso(s.completed_at),
-            "instances": [{
-                "sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid,
-                "transfer_syntax_uid": i.transfer_syntax_uid, "instance_number": i.instance_number,
-                "path": i.path, "size_bytes": i.size_bytes, "calling_ae": i.calling_ae,
-                "received_at": _iso(i.received_at), "receive_count": i.receive_count,
-            } for i in s.instances],
-        })
-    events = session.execute(
-        select(Event).where(Event.study_uid == study_uid).order_by(Event.at, Event.id)
-    ).scalars()
-    result = _study_dict(study, len(series), sum(s["instance_count"] for s in series))
-    result["series"] = series
-    result["jobs"] = _jobs(session, study.id)
-    result["events"] = [{"at": _iso(e.at), "actor": e.actor, "action": e.action,
-                         "detail": json.loads(e.detail) if e.detail else {}} for e in events]
-    return result

@@ -4,8 +4,9 @@ A worker claims the most urgent job with a lease it renews while the job runs,
 so a crashed worker's job goes back to the queue (the store is the single
 source of truth). A job reads its series from the spool, prepares it, runs the
 model, writes its results into the spool and records them with one pending
-delivery per destination, all or nothing. Whatever goes wrong fails that job
-with a reason, and the next job runs.
+delivery per destination, all or nothing. A failure that may pass queues the job
+again after a backoff, up to worker.max_attempts; any other fails that job with a
+reason; either way, the next job runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import threading
 import time
 import traceback
+import uuid
 from datetime import timedelta
 
 import numpy as np
@@ -59,37 +61,46 @@ CANNOT_PASS = (JobError, PrepareError, PackageError, ResultError)
 MAY_PASS = (SpoolUnreadable, InferenceError, OSError, sqlalchemy.exc.OperationalError)
 
 
-def claim_job(store: Store, owner: str, policy: WorkerSettings) -> int | None:
-    """Take the most urgent queued job that is due (oldest first within a priority), or a running
-    one whose lease ran out; None if there is none. A job whose worker stopped `max_attempts` times
-    while running it fails instead: it may be what stops them."""
+def claim_job(store: Store, owner: str, policy: WorkerSettings) -> tuple[int, str] | None:
+    """Take a running job whose lease ran out, else the most urgent queued job that is due (oldest
+    first within a priority); None if there is none. Returns the job and the lease owner of this
+    claim (`owner` and a claim of its own, so that two threads of one process never pass for each
+    other). A job whose worker stopped while running it max_attempts times fails instead: it may be
+    what stops them."""
     while True:
         with store.session.begin() as session:
             now = utcnow()
-            due = (Job.status == JobStatus.QUEUED) & (Job.not_before.is_(None) | (Job.not_before <= now))
-            abandoned = (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < now)
             job = session.execute(
-                select(Job).where(due | abandoned).order_by(Job.priority.desc(), Job.created_at, Job.id)
-                .limit(1).with_for_update(skip_locked=True)
-            ).scalar_one_or_none()
+                select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+                .limit(1).with_for_update(skip_locked=True)).scalar_one_or_none()
+            if job is not None and _abandoned_too_often(session, job, owner, policy):
+                continue  # failed: look again
+            job = job or session.execute(
+                select(Job).where(Job.status == JobStatus.QUEUED,
+                                  Job.not_before.is_(None) | (Job.not_before <= now))
+                .order_by(Job.priority.desc(), Job.created_at, Job.id)
+                .limit(1).with_for_update(skip_locked=True)).scalar_one_or_none()
             if job is None:
                 return None
-            if job.status == JobStatus.QUEUED or not _abandoned_too_often(session, job, owner, policy):
-                job.status, job.lease_owner = JobStatus.RUNNING, owner
-                job.lease_expires_at = now + timedelta(seconds=policy.lease)
-                job.attempts += 1
-                job.started_at, job.not_before = now, None
-                return job.id
+            lease_owner = f"{owner}:{uuid.uuid4().hex[:8]}"
+            job.status, job.lease_owner = JobStatus.RUNNING, lease_owner
+            job.lease_expires_at = now + timedelta(seconds=policy.lease)
+            job.attempts += 1
+            job.started_at, job.not_before = now, None
+            return job.id, lease_owner
 
 
 def _abandoned_too_often(session: Session, job: Job, owner: str, policy: WorkerSettings) -> bool:
-    """A running job whose worker stopped renewing (crashed, killed or cut off): run it again,
-    unless that has happened max_attempts times, when it fails (True)."""
+    """A running job whose worker stopped renewing (crashed, killed or cut off): counted, and run
+    again, unless it has used its max_attempts, when it fails (True)."""
     study_uid = session.get_one(Study, job.study_id).study_uid  # the job's lock keeps its study
+    job.stops += 1
     if job.attempts >= policy.max_attempts:
-        reason = (f"the worker stopped {job.attempts} times while running this job (its lease ran out each "
-                  "time): the study may be what stops it; the service log around those times says more, "
-                  f"and `machaon jobs retry {job.id}` runs it again")
+        stopped = (f"the worker stopped {job.stops} times while running this job" if job.stops == job.attempts
+                   else f"the worker stopped while running this job, on attempt {job.attempts} of "
+                        f"{policy.max_attempts} ({job.stops} such stops in all; before: {job.error})")
+        reason = (f"{stopped} (its lease ran out): the study may be what stops it; the service log "
+                  f"around those times says more, and `machaon jobs retry {job.id}` runs it again")
         _finish_failed(session, job, owner, reason, study_uid)
         log.error("job %d (%s) failed: %s", job.id, job.model, reason)
         return True
@@ -125,8 +136,11 @@ class _Lease:
 
     def _renew(self):
         while not self.stop.wait(self.args[3] / 3):
-            if not renew_lease(*self.args):
-                return
+            try:
+                if not renew_lease(*self.args):
+                    return  # taken over: the job's end is recorded by whoever holds it now
+            except sqlalchemy.exc.SQLAlchemyError as exc:  # the store busy or away: try again next time
+                log.warning("job %d: could not renew its lease: %s", self.args[1], exc)
 
     def __enter__(self):
         self.thread.start()
@@ -147,27 +161,28 @@ class Runner:
 
     def run_next(self) -> bool:
         """Claim and run one job; False when the queue is empty."""
-        job_id = claim_job(self.store, self.owner, self.settings.worker)
-        if job_id is None:
+        claimed = claim_job(self.store, self.owner, self.settings.worker)
+        if claimed is None:
             return False
+        job_id, lease = claimed
         queued = False
         clock = _Stopwatch()
-        with _Lease(self.store, job_id, self.owner, self.settings.worker.lease):
+        with _Lease(self.store, job_id, lease, self.settings.worker.lease):
             try:
-                queued = self._run(job_id, clock)
+                queued = self._run(job_id, lease, clock)
             except MAY_PASS as exc:
-                self._failed(job_id, str(exc), clock, may_pass=True)
+                self._failed(job_id, lease, str(exc), clock, may_pass=True)
             except CANNOT_PASS as exc:
-                self._failed(job_id, str(exc), clock, may_pass=False)
+                self._failed(job_id, lease, str(exc), clock, may_pass=False)
             except Exception as exc:  # a bug must fail one job, not the worker; it may not recur
                 log.error("job %d: internal error\n%s", job_id, traceback.format_exc())
-                self._failed(job_id, f"internal error: {exc!r} (details in the service log)", clock,
+                self._failed(job_id, lease, f"internal error: {exc!r} (details in the service log)", clock,
                              may_pass=True)
         if queued:
             self.on_results()
         return True
 
-    def _run(self, job_id: int, clock: _Stopwatch) -> bool:
+    def _run(self, job_id: int, lease: str, clock: _Stopwatch) -> bool:
         """Run one job to its end, timing each stage on `clock`; True when it queued deliveries."""
         with self.store.read_session() as session:
             job = session.get(Job, job_id)
@@ -203,7 +218,7 @@ class Runner:
         clock.lap("write_results")
         if series.dropped:
             log.warning("job %d: %s", job_id, "; ".join(series.dropped))
-        return self._succeed(job_id, study_uid, kept, destinations, clock.laps, series.dropped)
+        return self._succeed(job_id, lease, study_uid, kept, destinations, clock.laps, series.dropped)
 
     def _destinations(self, job: Job) -> list[str]:
         """Where the job's results go: what its rule said when the job was planned. A job planned
@@ -216,7 +231,7 @@ class Runner:
                         job.id, job.rule)
         return rule.destinations if rule else []
 
-    def _succeed(self, job_id: int, study_uid: str, kept: list, destinations: list[str],
+    def _succeed(self, job_id: int, lease: str, study_uid: str, kept: list, destinations: list[str],
                  seconds: dict[str, float], dropped: list[str]) -> bool:
         now = utcnow()
         with self.store.session.begin() as session:
@@ -228,7 +243,7 @@ class Runner:
                             job_id)
                 return False
             job = session.get_one(Job, job_id, with_for_update=True)  # the study's lock keeps it
-            if job.status != JobStatus.RUNNING or job.lease_owner != self.owner:
+            if job.status != JobStatus.RUNNING or job.lease_owner != lease:
                 log.warning("job %d was taken over while it ran; its results are left to the new run", job_id)
                 return False
             for kind, ds, relative in kept:
@@ -253,7 +268,7 @@ class Runner:
         metrics.job_finished(job.model, "succeeded", sum(seconds.values()), seconds)
         return bool(destinations)
 
-    def _failed(self, job_id: int, reason: str, clock: _Stopwatch, may_pass: bool) -> None:
+    def _failed(self, job_id: int, lease: str, reason: str, clock: _Stopwatch, may_pass: bool) -> None:
         """Record a failed run: queued again after a backoff when the failure may pass and attempts
         remain, else failed with the reason."""
         policy = self.settings.worker
@@ -262,7 +277,7 @@ class Runner:
             if job is None:  # deleted with its study while it ran
                 log.warning("job %d: its study was deleted while it ran (%s)", job_id, reason)
                 return
-            if job.status != JobStatus.RUNNING or job.lease_owner != self.owner:
+            if job.status != JobStatus.RUNNING or job.lease_owner != lease:
                 log.warning("job %d was taken over while it ran (%s)", job_id, reason)
                 return
             study_uid = session.get_one(Study, job.study_id).study_uid  # the job's lock keeps its study
@@ -326,7 +341,7 @@ class Workers:
                 if self.runner.run_next():
                     continue
             except Exception:  # the store was unreachable, say: try again later
-                log.exception("worker: could not claim a job")
+                log.exception("worker: could not claim a job or record its outcome")
             self.woken.wait(self.idle_s)
             self.woken.clear()
 

@@ -40,16 +40,16 @@ class AuthError(Exception):
         return {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else {}
 
 
-def presented_token(request: Request) -> str | None:
-    """The token in the Authorization header, else in the page's cookie."""
+def presented_token(request: Request, cookie: bool = True) -> str | None:
+    """The token in the Authorization header, else (where `cookie`) in the page's cookie."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.cookies.get(TOKEN_COOKIE) or None
+    return (request.cookies.get(TOKEN_COOKIE) or None) if cookie else None
 
 
-def _principal(request: Request) -> ops.Principal:
-    token = presented_token(request)
+def _principal(request: Request, cookie: bool = True) -> ops.Principal:
+    token = presented_token(request, cookie)
     if token is None:
         if request.headers.get("authorization"):
             raise AuthError(401, f"the Authorization header is not a bearer token: {_HOW_TO}")
@@ -68,8 +68,11 @@ def reader(request: Request, _bearer: Bearer) -> ops.Principal:
 
 
 def actor(request: Request, _bearer: Bearer) -> ops.Principal:
-    """A dependency: an operator, the only role that may act (retry, cancel, reprocess, complete)."""
-    principal = _principal(request)
+    """A dependency: an operator, the only role that may act (retry, cancel, reprocess, complete).
+    Only from the Authorization header: a browser sends the page's cookie with a form posted from
+    any page of the same site (another port of this host, say), so the cookie is for the page's own
+    forms, which check where they come from."""
+    principal = _principal(request, cookie=False)
     if principal.role != Role.OPERATOR:
         raise AuthError(403, f"token {principal.name!r} is a viewer's: this action needs an operator "
                         "token (`machaon tokens create NAME --role operator`)")

@@ -414,12 +414,7 @@ def complete(request: Request, who: Operator, study_uid: str, back: Annotated[st
 def result_file(request: Request, _: Reader, study_uid: str, sop_instance_uid: str):
     """A SEG or SR the study's jobs made, as a DICOM file: only files recorded as results."""
     with _store(request).read_session() as session:
-        shown = ops.show_study(session, study_uid)
-    found = next((r for j in shown["jobs"] for r in j["results"]
-                  if r["sop_instance_uid"] == sop_instance_uid), None)
-    if found is None:
-        raise _Refused(404, f"study {study_uid} has no result {sop_instance_uid}: its page lists "
-                            "the results its jobs made")
+        found = ops.find_result(session, study_uid, sop_instance_uid)
     spool = Path(request.app.state.settings.spool.path).resolve()
     path = (spool / found["path"]).resolve()
     if not path.is_relative_to(spool) or not path.is_file():

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..config import ConfigError, Settings, load_settings
-from ..display import ELLIPSIS, Column, print_table, short_uid, wide_flag
+from ..display import ELLIPSIS, Column, local_time, print_table, short_uid, wide_flag
 from ..store import StudyStatus
 from . import operators
 
@@ -196,11 +196,11 @@ def _db_upgrade(settings: Settings, _args) -> None:
 
 
 def _studies_list(settings: Settings, args) -> None:
+    from .. import operations as ops
     from ..startup import open_store
-    from ..store import list_studies
     store = open_store(settings)
     with store.read_session() as session:
-        rows = list_studies(session, status=args.status, limit=args.limit)
+        rows = ops.list_studies(session, status=args.status, limit=args.limit)
     store.dispose()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -211,7 +211,7 @@ def _studies_list(settings: Settings, args) -> None:
     # Date and Series are left out first on a narrow terminal (--wide shows them).
     columns = [Column("Study Instance UID"), Column("Patient ID", cut=True), Column("Date", optional=True),
                Column("Series", "right", optional=True), Column("Images", "right"),
-               Column("Status", cut=True), Column("Last received (UTC)")]
+               Column("Status", cut=True), Column("Last received")]
     table = []
     for r in rows:
         status = r["status"] + (f" ({r['completion_count']}x)" if r["completion_count"] > 1 else "")
@@ -219,7 +219,7 @@ def _studies_list(settings: Settings, args) -> None:
             status += ", [red]planning problem[/]"  # `studies show` says which files
         table.append([_uid(r["study_uid"], args.wide), escape(r["patient_id"] or ""), r["study_date"] or "",
                       str(r["series_count"]), str(r["instance_count"]), status,
-                      r["last_received_at"][:19].replace("T", " ")])
+                      local_time(r["last_received_at"])])
     print_table(out, columns, table, args.wide)
 
 
@@ -228,36 +228,17 @@ def _uid(uid: str | None, wide: bool) -> str:
     return (uid if wide else short_uid(uid)) if uid else ""
 
 
-def _find_study(session, text: str) -> dict | None:
-    """The study a UID names: the whole UID, or its end after an ellipsis, as tables show it."""
-    from sqlalchemy import select
-
-    from ..store import Study, show_study
-    study = show_study(session, text)
-    end = text.removeprefix(ELLIPSIS).removeprefix("...")
-    if study is None and end != text and end:
-        found = session.execute(select(Study.study_uid).where(Study.study_uid.endswith(end, autoescape=True))
-                                .limit(2)).scalars().all()
-        if len(found) > 1:
-            raise LookupError(f"more than one study's UID ends in {end}: give the whole UID "
-                              "(`machaon studies list --wide` shows them)")
-        study = show_study(session, found[0]) if found else None
-    return study
-
-
 def _studies_show(settings: Settings, args) -> int:
+    from .. import operations as ops
     from ..startup import open_store
     store = open_store(settings)
     try:
         with store.read_session() as session:
-            study = _find_study(session, args.study_uid)
-    except LookupError as exc:
-        return _fail(str(exc))
+            study = ops.find_study(session, args.study_uid)
+    except ops.OperationError as exc:
+        return _fail(f"{exc} (`machaon studies list` shows the known ones)")
     finally:
         store.dispose()
-    if study is None:
-        return _fail(f"no study with Study Instance UID {args.study_uid} "
-                     "(`machaon studies list` shows the known ones)")
     if args.json:
         print(json.dumps(study, indent=2))
         return 0
@@ -266,7 +247,8 @@ def _studies_show(settings: Settings, args) -> int:
     out.print(f"  status: [bold]{study['status']}[/]")
     for key in ("patient_id", "patient_name", "accession_number", "study_date", "study_description",
                 "first_received_at", "last_received_at", "completed_at", "completion_count"):
-        out.print(f"  {key.replace('_', ' ')}: {study[key] if study[key] is not None else ''}")
+        value = local_time(study[key]) if key.endswith("_at") else study[key]
+        out.print(f"  {key.replace('_', ' ')}: {value if value is not None else ''}", markup=False)
     if study["planning_error"]:
         out.print(f"  [red]planning problem[/]: {study['planning_error']}")
     wide = args.wide
@@ -278,9 +260,9 @@ def _studies_show(settings: Settings, args) -> int:
         superseded = j["superseded_by"] and f"superseded by job {j['superseded_by']}"
         detail = j["error"] or superseded or ", ".join(f"{r['kind']} -> " + ", ".join(
             f"{d['destination']} {d['status']}" for d in r["deliveries"]) for r in j["results"])
-        jobs.append([str(j["id"]), j["model"], escape(j["rule"] or ""), j["status"], str(j["attempts"]),
-                     escape(detail)])
-    events = [[e["at"][:23].replace("T", " "), escape(e["actor"]), e["action"],
+        jobs.append([str(j["id"]), escape(j["model"]), escape(j["rule"] or ""), j["status"],
+                     str(j["attempts"]), escape(detail)])
+    events = [[local_time(e["at"]), escape(e["actor"]), e["action"],
                escape(", ".join(f"{k}={_detail_value(v, wide)}" for k, v in e["detail"].items()))]
               for e in study["events"]]
     cut = False
@@ -300,7 +282,7 @@ def _studies_show(settings: Settings, args) -> int:
         out.print()
         for j in failed:
             out.print(f"job {j['id']}: {j['error']}", markup=False, highlight=False)
-    table([Column("When (UTC)"), Column("Who", cut=True), Column("What"), Column("Detail", cut=True)], events)
+    table([Column("When"), Column("Who", cut=True), Column("What"), Column("Detail", cut=True)], events)
     if cut:
         out.print("\n(values cut short to fit the terminal: --wide or --json prints them whole)", style="dim")
     return 0

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from datetime import datetime
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..config import Settings
-from ..display import Column, print_table, progress, short_uid, wide_flag
+from ..display import Column, local_time, print_table, progress, short_uid, wide_flag
 from ..store import JobStatus, Role
 
 out = Console(highlight=False)
@@ -131,13 +132,6 @@ def _since(text: str | None) -> datetime | None:
     return ops.parse_since(text)
 
 
-def _when(iso: str | None) -> str:
-    """A stored UTC time as local time, to the second, for people (JSON keeps UTC)."""
-    if not iso:
-        return ""
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _print_json(value) -> None:
     print(json.dumps(value, indent=2))
 
@@ -158,8 +152,9 @@ def _jobs_list(settings: Settings, args) -> int:
         print_table(out, [Column("Job", "right"), Column("Status"), Column("Model", cut=True),
                           Column("When"), Column("Patient ID", cut=True, optional=True),
                           Column("Study", optional=True), Column("Error", cut=True)],
-                    [[str(j["id"]), _status(j), j["model"], _when(j["finished_at"] or j["created_at"]),
-                      j["patient_id"] or "", uid(j["study_uid"]), j["error"] or ""] for j in jobs],
+                    [[str(j["id"]), _status(j), escape(j["model"]),
+                      local_time(j["finished_at"] or j["created_at"]), escape(j["patient_id"] or ""),
+                      uid(j["study_uid"]), escape(j["error"] or "")] for j in jobs],
                     wide=args.wide)
     return _query(settings, query)
 
@@ -182,10 +177,10 @@ def _jobs_show(settings: Settings, args) -> int:
         for key in ("study_uid", "patient_id", "accession_number", "study_description", "series_uid",
                     "series_description", "created_at", "started_at", "finished_at", "not_before"):
             if job[key]:
-                value = _when(job[key]) if key.endswith(("_at", "before")) else job[key]
+                value = local_time(job[key]) if key.endswith(("_at", "before")) else job[key]
                 out.print(f"  {key.replace('_', ' ')}: {value}", markup=False, soft_wrap=True)
         if job["error"]:
-            out.print(f"  [red]error[/]: {job['error']}", soft_wrap=True)
+            out.print(f"  [red]error[/]: {escape(job['error'])}", soft_wrap=True)
         if job["timings"]:
             out.print("  stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in job["timings"].items()))
         for r in job["results"]:
@@ -194,7 +189,8 @@ def _jobs_show(settings: Settings, args) -> int:
             out.print(f"  {r['kind']} {r['sop_instance_uid']}: {sends}", markup=False, soft_wrap=True)
         for e in job["history"]:
             detail = ", ".join(f"{k}={v}" for k, v in e["detail"].items() if k not in ("job", "model"))
-            out.print(f"  {_when(e['at'])} {e['actor']} {e['action']} {detail}", markup=False, soft_wrap=True)
+            out.print(f"  {local_time(e['at'])} {e['actor']} {e['action']} {detail}", markup=False,
+                      soft_wrap=True)
     return _query(settings, query)
 
 
@@ -278,9 +274,9 @@ def _deliveries_list(settings: Settings, args) -> int:
                           Column("Tries", "right"), Column("Kind", optional=True),
                           Column("Result", optional=True), Column("Sent / next try"),
                           Column("Last error", cut=True)],
-                    [[str(d["id"]), d["destination"], d["status"], str(d["attempts"]), d["kind"],
-                      uid(d["sop_instance_uid"]), _when(d["sent_at"] or d["next_attempt_at"]),
-                      d["last_error"] or ""] for d in rows], wide=args.wide)
+                    [[str(d["id"]), escape(d["destination"]), d["status"], str(d["attempts"]), d["kind"],
+                      uid(d["sop_instance_uid"]), local_time(d["sent_at"] or d["next_attempt_at"]),
+                      escape(d["last_error"] or "")] for d in rows], wide=args.wide)
     return _query(settings, query)
 
 
@@ -313,8 +309,8 @@ def _events(settings: Settings, args) -> int:
         uid = (lambda u: u) if args.wide else short_uid
         print_table(out, [Column("When"), Column("Who", cut=True), Column("What"),
                           Column("Study", optional=True), Column("Detail", cut=True)],
-                    [[_when(e["at"]), e["actor"], e["action"], uid(e["study_uid"] or ""),
-                      ", ".join(f"{k}={v}" for k, v in e["detail"].items())] for e in events],
+                    [[local_time(e["at"]), escape(e["actor"]), e["action"], uid(e["study_uid"] or ""),
+                      escape(", ".join(f"{k}={v}" for k, v in e["detail"].items()))] for e in events],
                     wide=args.wide)
     return _query(settings, query)
 
@@ -341,8 +337,8 @@ def _tokens_list(settings: Settings, args) -> int:
             return out.print("no tokens (`machaon tokens create NAME --role viewer|operator`)")
         print_table(out, [Column("Name", cut=True), Column("Role"), Column("Created"),
                           Column("By", cut=True, optional=True), Column("Last used"), Column("Revoked")],
-                    [[t["name"], t["role"], _when(t["created_at"]), t["created_by"], _when(t["last_used_at"]),
-                      _when(t["revoked_at"])] for t in tokens])
+                    [[t["name"], t["role"], local_time(t["created_at"]), escape(t["created_by"]),
+                      local_time(t["last_used_at"]), local_time(t["revoked_at"])] for t in tokens])
     return _query(settings, query)
 
 

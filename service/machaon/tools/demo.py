@@ -70,8 +70,15 @@ def send_only(target: str, calling_ae: str, console: Console) -> int:
 
 def run_demo(settings: Settings, console: Console, stopping, calling_ae: str = "DEMO") -> None:
     """Called once `machaon serve` is listening: send the phantom study and report its jobs."""
+    from ..operations import NotFound, show_study
     from ..startup import open_store
-    from ..store import DeliveryStatus, JobStatus, show_study
+    from ..store import DeliveryStatus, JobStatus
+
+    def shown_or_none(session, study_uid: str) -> dict | None:
+        try:
+            return show_study(session, study_uid)
+        except NotFound:
+            return None
 
     study = phantom_study(Path("var/demo"))
     files = study.sax_files + list(study.view_files.values())
@@ -80,7 +87,7 @@ def run_demo(settings: Settings, console: Console, stopping, calling_ae: str = "
     try:
         # Completions of this study before the send (an earlier demo's): their jobs are not ours.
         with store.read_session() as session:
-            before = (show_study(session, study.study_uid) or {"completion_count": 0})["completion_count"]
+            before = (shown_or_none(session, study.study_uid) or {"completion_count": 0})["completion_count"]
         stored, failures = send(files, settings.dicom.ae_title, host, settings.dicom.port, calling_ae)
         console.print(f"[bold]demo:[/] sent phantom study {study.study_uid} ({stored} of {len(files)} images "
                       f"stored) from {calling_ae} to {settings.dicom.ae_title}@{host}:{settings.dicom.port}")
@@ -92,7 +99,7 @@ def run_demo(settings: Settings, console: Console, stopping, calling_ae: str = "
         deadline = time.monotonic() + settings.completion.complete_after + 300
         while time.monotonic() < deadline and not stopping.is_set():
             with store.read_session() as session:
-                shown = show_study(session, study.study_uid)
+                shown = shown_or_none(session, study.study_uid)
             # The jobs of the completion our images caused: a later generation than any before.
             jobs = [j for j in shown["jobs"] if j["generation"] > before] if shown else []
             results = [r for j in jobs for r in j["results"]]

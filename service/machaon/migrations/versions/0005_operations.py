@@ -1,7 +1,8 @@
 """operations: job retries with backoff, cancelled jobs, API tokens, indexes for operators' queries
 
 jobs.not_before holds a job queued again after a failure that may pass until its backoff has run
-out; jobs.timings keeps the seconds each stage of its last run took. api_tokens keeps the SHA-256
+out; jobs.timings keeps the seconds each stage of its last run took; jobs.stops counts the attempts
+its worker did not survive. api_tokens keeps the SHA-256
 of each bearer token (never the token). The indexes serve the queue, the lists of failed jobs and
 deliveries, the study search and the summary's last hour.
 
@@ -36,7 +37,9 @@ def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('not_before', sa.DateTime(), nullable=True))
         batch_op.add_column(sa.Column('timings', sa.Text(), nullable=True))
-        batch_op.create_index('ix_jobs_queue', ['status', 'priority', 'created_at'], unique=False)
+        batch_op.add_column(sa.Column('stops', sa.Integer(), server_default='0', nullable=False))
+        batch_op.create_index('ix_jobs_queue', ['status', sa.text('priority DESC'), 'created_at', 'id'],
+                              unique=False)
         batch_op.create_index('ix_jobs_status_finished', ['status', 'finished_at'], unique=False)
         batch_op.create_index('ix_jobs_status_model', ['status', 'model'], unique=False)
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
@@ -45,10 +48,12 @@ def upgrade() -> None:
     with op.batch_alter_table('studies', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_studies_patient_id'), ['patient_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_studies_accession_number'), ['accession_number'], unique=False)
+        batch_op.create_index(batch_op.f('ix_studies_completed_at'), ['completed_at'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_studies_completed_at'))
         batch_op.drop_index(batch_op.f('ix_studies_accession_number'))
         batch_op.drop_index(batch_op.f('ix_studies_patient_id'))
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
@@ -58,6 +63,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_jobs_status_model')
         batch_op.drop_index('ix_jobs_status_finished')
         batch_op.drop_index('ix_jobs_queue')
+        batch_op.drop_column('stops')
         batch_op.drop_column('timings')
         batch_op.drop_column('not_before')
     op.drop_table('api_tokens')
