@@ -227,6 +227,8 @@ def test_the_summary_counts_states_and_the_last_hours_latency(store):
         last_image = session.execute(select(Study.last_received_at).where(Study.study_uid == study)).scalar_one()
         session.execute(update(Delivery).where(Delivery.id == delivery).values(
             status=DeliveryStatus.SENT, sent_at=last_image + timedelta(seconds=7)))
+        session.execute(update(Study).where(Study.study_uid == study).values(  # as dispatch records it
+            delivered_at=last_image + timedelta(seconds=7)))
     with store.read_session() as session:
         summary = ops.summary(session, Settings())
         hours = ops.activity(session, hours=24)

@@ -199,6 +199,7 @@ def _mark_sent(store: Store, name: str, row: Any, sop_uid: str) -> None:
             return
         now = utcnow()
         delivery.status, delivery.sent_at, delivery.last_error = DeliveryStatus.SENT, now, None
+        study.delivered_at = now
         delivery.attempts += 1
         add_event(session, "dispatcher", "result.sent", row.study_uid, destination=name,
                   sop_instance_uid=sop_uid)

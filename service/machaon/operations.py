@@ -551,16 +551,9 @@ def _percentile(values: list[float], p: float) -> float | None:
 def _latencies(session: Session, since: datetime) -> list[tuple[datetime, float]]:
     """For each study with a result delivered since `since`: when its last result was delivered,
     and the seconds from its last image received to then."""
-    last_sent: dict[int, datetime] = {}
-    for study_id, sent in session.execute(
-            select(Job.study_id, Delivery.sent_at).join(Result, Result.id == Delivery.result_id)
-            .join(Job, Job.id == Result.job_id).where(Delivery.sent_at >= since)).all():
-        if sent is not None:
-            last_sent[study_id] = max(sent, last_sent.get(study_id, sent))
-    received = dict(session.execute(select(Study.id, Study.last_received_at)
-                                    .where(Study.id.in_(last_sent))).all()) if last_sent else {}
-    return [(sent, max((sent - received[study]).total_seconds(), 0.0))
-            for study, sent in last_sent.items() if study in received]
+    rows = session.execute(select(Study.delivered_at, Study.last_received_at)
+                           .where(Study.delivered_at >= since)).all()
+    return [(sent, max((sent - received).total_seconds(), 0.0)) for sent, received in rows if sent]
 
 
 def summary(session: Session, settings: Settings) -> dict:

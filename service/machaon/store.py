@@ -124,6 +124,8 @@ class Study(Base):
     opened_at: Mapped[datetime] = mapped_column(DateTime)
     last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+    # When a result of the study was last delivered (the dashboard's latency: from last_received_at).
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
     # How many times the study was completed: 2 means it was reopened once.
     completion_count: Mapped[int] = mapped_column(Integer, default=0)
     # How many of those completions have had their jobs planned (rules applied).

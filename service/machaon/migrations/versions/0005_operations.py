@@ -2,7 +2,8 @@
 
 jobs.not_before holds a job queued again after a failure that may pass until its backoff has run
 out; jobs.timings keeps the seconds each stage of its last run took; jobs.stops counts the attempts
-its worker did not survive. api_tokens keeps the SHA-256
+its worker did not survive; studies.delivered_at, when a result of the study was last delivered
+(the latency from its last image), is filled in from the deliveries already sent. api_tokens keeps the SHA-256
 of each bearer token (never the token). The indexes serve the queue, the lists of failed jobs and
 deliveries, the study search and the summary's last hour.
 
@@ -49,10 +50,20 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_studies_patient_id'), ['patient_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_studies_accession_number'), ['accession_number'], unique=False)
         batch_op.create_index(batch_op.f('ix_studies_completed_at'), ['completed_at'], unique=False)
+        batch_op.add_column(sa.Column('delivered_at', sa.DateTime(), nullable=True))
+        batch_op.create_index(batch_op.f('ix_studies_delivered_at'), ['delivered_at'], unique=False)
+    # What was delivered before: each study's latest send.
+    op.execute(
+        "UPDATE studies SET delivered_at = (SELECT max(deliveries.sent_at) FROM deliveries"
+        " JOIN results ON results.id = deliveries.result_id JOIN jobs ON jobs.id = results.job_id"
+        " WHERE jobs.study_id = studies.id)"
+    )
 
 
 def downgrade() -> None:
     with op.batch_alter_table('studies', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_studies_delivered_at'))
+        batch_op.drop_column('delivered_at')
         batch_op.drop_index(batch_op.f('ix_studies_completed_at'))
         batch_op.drop_index(batch_op.f('ix_studies_accession_number'))
         batch_op.drop_index(batch_op.f('ix_studies_patient_id'))
