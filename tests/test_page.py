@@ -18,7 +18,7 @@ from machaon.tools import phantom
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import RLELossless
 
-from tests.harness import REPO, acknowledged, finished, folder_setup, jobs_of, storescu
+from tests.harness import REPO, RULES, acknowledged, finished, jobs_of, storescu
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTEFACTS = REPO / "build" / "test-artefacts" / "page"
@@ -91,13 +91,17 @@ def _sign_in(page, url: str, token: str) -> None:
     page.wait_for_url(url + "/")
 
 
-def test_an_operator_retries_a_failed_job_and_follows_its_study(serve, built_models, browser, shoot, tmp_path):
+def test_an_operator_retries_a_failed_job_and_follows_its_study(serve, built_models, orthanc, browser, shoot,
+                                                               tmp_path):
     from playwright.sync_api import expect
 
     study = phantom.write_study(tmp_path / "study", seed=51, views=False)
     good = study.sax_files[4]
     bad = _corrupt_copy(good, tmp_path / "corrupt.dcm")
-    server = serve(models={"path": str(built_models)}, extra=folder_setup(tmp_path))
+    orthanc.start()
+    pacs = (f'[destinations.pacs]\ntype = "dicom"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+            f'port = {orthanc.dicom_port}\ntimeout = 5\n')
+    server = serve(models={"path": str(built_models)}, extra=RULES.format(destination="pacs") + pacs)
     url = server.api_url
     _wait_for_api(url)
     operator = server.machaon("tokens", "create", "alice", "--role", "operator").stdout.strip()
@@ -176,7 +180,7 @@ def test_an_operator_retries_a_failed_job_and_follows_its_study(serve, built_mod
     timeline = page.locator("table.timeline")
     for words in ("First image received", "Complete: 1 series, 12 images", f"Job {job_id} (lv-segmentation) failed",
                   "More images arrived", f"Job {job_id} (lv-segmentation) queued again (it was failed)",
-                  f"Job {job_id} (lv-segmentation) succeeded", "SEG sent to out", "SR sent to out"):
+                  f"Job {job_id} (lv-segmentation) succeeded", "SEG sent to pacs", "SR sent to pacs"):
         expect(timeline).to_contain_text(words)
     expect(timeline).to_contain_text("api:alice")
     expect(page.locator("ol.milestones")).not_to_contain_text("not yet")
@@ -197,3 +201,5 @@ def test_an_operator_retries_a_failed_job_and_follows_its_study(serve, built_mod
     page.get_by_role("button", name="Sign out").click()
     page.goto(url + "/")
     assert "/signin" in page.url
+    # The PACS holds the study's results once, though two jobs made them.
+    assert len(orthanc.get(f"/dicom-web/studies/{study.study_uid}/instances")) == 2
