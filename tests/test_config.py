@@ -124,9 +124,7 @@ def test_shipped_examples_are_valid(tmp_path):
 
 def test_serve_before_db_upgrade_says_so_and_leaves_no_empty_database_behind(tmp_path):
     database = tmp_path / "var" / "machaon.db"
-    proc = run_machaon("serve", env={"MACHAON_DATABASE_URL": f"sqlite:///{database}",
-                                     "MACHAON_DICOM_PORT": str(free_port()),
-                                     "MACHAON_SPOOL_PATH": str(tmp_path / "spool")})
-    assert proc.returncode == EXIT_CONFIG
-    assert f"there is no job store at {database}: create it with `machaon db upgrade`" in proc.stderr
+    message = start_refused(tmp_path, f'[dicom]\nport = {free_port()}\n[spool]\npath = "{tmp_path}/s"\n'
+                            f'[database]\nurl = "sqlite:///{database}"\n')
+    assert f"there is no job store at {database}: create it with `machaon db upgrade`" in message
     assert not database.exists()
