@@ -517,9 +517,10 @@ class Site:
 
 
 # studies.delivered_at, which dispatch sets with each send, from the deliveries written.
-DELIVERED_AT = ("UPDATE studies SET delivered_at = (SELECT max(deliveries.sent_at) FROM deliveries"
+DELIVERED_AT = ("UPDATE studies SET delivered_at = latest.sent_at FROM (SELECT jobs.study_id AS study_id,"
+                " max(deliveries.sent_at) AS sent_at FROM deliveries"
                 " JOIN results ON results.id = deliveries.result_id JOIN jobs ON jobs.id = results.job_id"
-                " WHERE jobs.study_id = studies.id)")
+                " GROUP BY jobs.study_id) AS latest WHERE latest.study_id = studies.id")
 
 
 def fill(url: str, jobs: int, instances: int, seed: int) -> dict:

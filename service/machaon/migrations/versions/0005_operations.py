@@ -52,11 +52,14 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_studies_completed_at'), ['completed_at'], unique=False)
         batch_op.add_column(sa.Column('delivered_at', sa.DateTime(), nullable=True))
         batch_op.create_index(batch_op.f('ix_studies_delivered_at'), ['delivered_at'], unique=False)
-    # What was delivered before: each study's latest send.
+    # What was delivered before: each study's latest send (one aggregate; UPDATE ... FROM is in
+    # PostgreSQL and in SQLite since 3.33).
     op.execute(
-        "UPDATE studies SET delivered_at = (SELECT max(deliveries.sent_at) FROM deliveries"
+        "UPDATE studies SET delivered_at = latest.sent_at FROM (SELECT jobs.study_id AS study_id,"
+        " max(deliveries.sent_at) AS sent_at FROM deliveries"
         " JOIN results ON results.id = deliveries.result_id JOIN jobs ON jobs.id = results.job_id"
-        " WHERE jobs.study_id = studies.id)"
+        " GROUP BY jobs.study_id) AS latest"
+        " WHERE latest.study_id = studies.id"
     )
 
 
