@@ -42,6 +42,11 @@ def local_time(iso: str | None) -> str:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def table_uid(uid: str | None, wide: bool) -> str:
+    """A UID in a table: whole with --wide, else its end (`studies show` takes either)."""
+    return (uid if wide else short_uid(uid)) if uid else ""
+
+
 def wide_flag() -> argparse.ArgumentParser:
     """The parent parser of commands that print tables (see the module's docstring)."""
     parser = argparse.ArgumentParser(add_help=False)

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..config import ConfigError, Settings, load_settings
-from ..display import ELLIPSIS, Column, local_time, print_table, short_uid, wide_flag
+from ..display import ELLIPSIS, Column, local_time, print_table, short_uid, table_uid, wide_flag
 from ..store import StudyStatus
 from . import operators
 
@@ -217,15 +217,10 @@ def _studies_list(settings: Settings, args) -> None:
         status = r["status"] + (f" ({r['completion_count']}x)" if r["completion_count"] > 1 else "")
         if r["planning_error"]:
             status += ", [red]planning problem[/]"  # `studies show` says which files
-        table.append([_uid(r["study_uid"], args.wide), escape(r["patient_id"] or ""), r["study_date"] or "",
-                      str(r["series_count"]), str(r["instance_count"]), status,
+        table.append([table_uid(r["study_uid"], args.wide), escape(r["patient_id"] or ""),
+                      r["study_date"] or "", str(r["series_count"]), str(r["instance_count"]), status,
                       local_time(r["last_received_at"])])
     print_table(out, columns, table, args.wide)
-
-
-def _uid(uid: str | None, wide: bool) -> str:
-    """A UID in a table: whole with --wide, else its end (`studies show` takes either)."""
-    return (uid if wide else short_uid(uid)) if uid else ""
 
 
 def _studies_show(settings: Settings, args) -> int:
@@ -252,7 +247,7 @@ def _studies_show(settings: Settings, args) -> int:
     if study["planning_error"]:
         out.print(f"  [red]planning problem[/]: {study['planning_error']}")
     wide = args.wide
-    series = [[_uid(s["series_uid"], wide), escape(s["modality"] or ""), str(s["series_number"] or ""),
+    series = [[table_uid(s["series_uid"], wide), escape(s["modality"] or ""), str(s["series_number"] or ""),
                escape(s["series_description"] or ""), str(s["instance_count"]), s["status"]]
               for s in study["series"]]
     jobs = []

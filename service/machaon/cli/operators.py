@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..config import Settings
-from ..display import Column, local_time, print_table, progress, short_uid, wide_flag
+from ..display import Column, local_time, print_table, progress, table_uid, wide_flag
 from ..store import JobStatus, Role
 
 out = Console(highlight=False)
@@ -148,13 +148,12 @@ def _jobs_list(settings: Settings, args) -> int:
             return _print_json(jobs)
         if not jobs:
             return out.print("no jobs")
-        uid = (lambda u: u) if args.wide else short_uid
         print_table(out, [Column("Job", "right"), Column("Status"), Column("Model", cut=True),
                           Column("When"), Column("Patient ID", cut=True, optional=True),
                           Column("Study", optional=True), Column("Error", cut=True)],
                     [[str(j["id"]), _status(j), escape(j["model"]),
                       local_time(j["finished_at"] or j["created_at"]), escape(j["patient_id"] or ""),
-                      uid(j["study_uid"]), escape(j["error"] or "")] for j in jobs],
+                      table_uid(j["study_uid"], args.wide), escape(j["error"] or "")] for j in jobs],
                     wide=args.wide)
     return _query(settings, query)
 
@@ -269,13 +268,13 @@ def _deliveries_list(settings: Settings, args) -> int:
             return _print_json(rows)
         if not rows:
             return out.print("no deliveries")
-        uid = (lambda u: u) if args.wide else short_uid
         print_table(out, [Column("ID", "right"), Column("Destination", cut=True), Column("Status"),
                           Column("Tries", "right"), Column("Kind", optional=True),
                           Column("Result", optional=True), Column("Sent / next try"),
                           Column("Last error", cut=True)],
                     [[str(d["id"]), escape(d["destination"]), d["status"], str(d["attempts"]), d["kind"],
-                      uid(d["sop_instance_uid"]), local_time(d["sent_at"] or d["next_attempt_at"]),
+                      table_uid(d["sop_instance_uid"], args.wide),
+                      local_time(d["sent_at"] or d["next_attempt_at"]),
                       escape(d["last_error"] or "")] for d in rows], wide=args.wide)
     return _query(settings, query)
 
@@ -306,10 +305,10 @@ def _events(settings: Settings, args) -> int:
             return _print_json(events)
         if not events:
             return out.print("no events")
-        uid = (lambda u: u) if args.wide else short_uid
         print_table(out, [Column("When"), Column("Who", cut=True), Column("What"),
                           Column("Study", optional=True), Column("Detail", cut=True)],
-                    [[local_time(e["at"]), escape(e["actor"]), e["action"], uid(e["study_uid"] or ""),
+                    [[local_time(e["at"]), escape(e["actor"]), e["action"],
+                      table_uid(e["study_uid"], args.wide),
                       escape(", ".join(f"{k}={v}" for k, v in e["detail"].items()))] for e in events],
                     wide=args.wide)
     return _query(settings, query)
