@@ -1,6 +1,10 @@
 """Shared fixtures: a PostgreSQL database per run, `machaon serve` as a real process, a real
 Orthanc, and model packages built from models/ in the real build environments. The helpers they
-use are in harness.py."""
+use are in harness.py.
+
+The tests run in parallel, in pytest-xdist workers (addopts in pyproject.toml): a session fixture
+runs once in each worker, so what must be made once per run (the build environments, the built
+packages) is made under a file lock, where the other workers find it ready."""
 
 from __future__ import annotations
 
@@ -11,24 +15,49 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from filelock import FileLock
 
-from tests.harness import ENVS, Orthanc, Server, copy_model, run_machaon
+from tests.harness import ENVS, REPO, Orthanc, Server, build_environments, copy_model, run_machaon
 
 # The server every store test also runs against; CI starts it (.ci/run).
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
+BUILT_MODELS = ("lv-segmentation", "cxr-findings")
+
+
+@pytest.fixture(autouse=True)
+def _build_environments_ready(request):
+    """The build environments, for the tests that run the converters themselves (their modules
+    import ENVS): created before the test, once for all workers."""
+    if getattr(request.module, "ENVS", None) is ENVS:
+        from machaon.tools.build import converters_dir
+        build_environments(sorted(p.stem.removeprefix("requirements-")
+                                  for p in converters_dir().glob("requirements-*.txt")))
+
+
 @pytest.fixture(scope="session")
 def built_models(tmp_path_factory):
-    """lv-segmentation and cxr-findings built as a user would, without variants (for speed)."""
+    """lv-segmentation and cxr-findings built as a user would, without variants (for speed).
+
+    Built once per run into a folder that the run's workers share: the first worker builds them
+    while the others wait on the lock, then find them up to date (the builder skips unchanged
+    models)."""
+    from machaon.manifest import read_manifest
     from machaon.tools.build import Builder
     from rich.console import Console
 
-    sources = tmp_path_factory.mktemp("sources")
-    out = tmp_path_factory.mktemp("built")
-    builder = Builder(sources, out, ENVS, Console(quiet=True))
-    for name in ("lv-segmentation", "cxr-findings"):
-        copy_model(sources, name, **{"source.variants": []})
-        builder.build(name)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    build_environments(sorted({read_manifest(REPO / "models" / name / "manifest.toml").source.framework
+                               for name in BUILT_MODELS}))
+    with FileLock(root / "built-models.lock"):
+        sources, out = root / "built-models-sources", root / "built-models"
+        builder = Builder(sources, out, ENVS, Console(quiet=True))
+        for name in BUILT_MODELS:
+            if not (sources / name).exists():
+                copy_model(sources, name, **{"source.variants": []})
+            builder.build(name)
     return out
 
 
@@ -118,3 +147,22 @@ def store(db_url):
     store = Store(db_url)
     yield store
     store.dispose()
+
+
+# Modules whose tests share an expensive module fixture, kept on one worker so that it is made once:
+# test_wheel builds a wheel in the checkout (build/, not safe twice at once) and installs it.
+ONE_WORKER = ("test_wheel",)
+# The longest modules start first, so that the run does not end waiting on one of them alone.
+SLOW_FIRST = ("test_wheel", "test_convert")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    def module(item) -> str:
+        found = getattr(item, "module", None)
+        return found.__name__.rpartition(".")[2] if found else ""
+
+    for item in items:
+        if module(item) in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(module(item)))
+    items.sort(key=lambda item: module(item) not in SLOW_FIRST)  # stable: the order is kept otherwise

@@ -3,8 +3,10 @@ throwaway certificates, and a few helpers. The fixtures that use them are in con
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import tomli_w
+from filelock import FileLock
 from machaon.store import DeliveryStatus, JobStatus
 
 MACHAON = str(Path(sys.executable).with_name("machaon"))
@@ -36,10 +39,43 @@ def copy_model(sources: Path, name: str, **changes) -> Path:
     return sources
 
 
+def build_environments(frameworks: list[str]) -> None:
+    """Make sure the build environments for `frameworks` are ready in ENVS, creating those that are
+    not. Tests run in parallel (pytest-xdist workers): one worker creates an environment while the
+    others wait for it, since two pip installs into one environment at once would corrupt it."""
+    from machaon.tools.build import Environments
+    from rich.console import Console
+
+    ENVS.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(ENVS.with_name(f"{ENVS.name}.lock")):
+        environments = Environments(ENVS, Console(quiet=True))
+        for framework in frameworks:
+            environments.python(framework)  # quick when the environment is up to date
+
+
+# The servers the tests start listen on ports below Linux's ephemeral range (32768-60999), where
+# no outgoing connection (an HTTP poll, a PostgreSQL session, an association) can take a port
+# between the moment it is picked here and the moment the server binds it. Each pytest-xdist
+# worker picks from a block of its own, so that two workers never pick the same port; the random
+# start keeps another test run on this machine from walking the same ports in step.
+_PORT_BLOCK = 1000
+_PORT_BLOCKS = range(20000, 32000, _PORT_BLOCK)
+_next_port = itertools.count(random.randrange(_PORT_BLOCK))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, for a server a test is about to start."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1"...; unset without workers
+    block = _PORT_BLOCKS[(int(worker[2:]) + 1 if worker else 0) % len(_PORT_BLOCKS)]
+    for _ in range(_PORT_BLOCK):
+        port = block + next(_next_port) % _PORT_BLOCK  # never one this process handed out lately
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use: by a server still running, or by another program
+        return port
+    raise AssertionError(f"no free port on 127.0.0.1 in {block}-{block + _PORT_BLOCK - 1}")
 
 
 def run_machaon(*args: str, env: dict | None = None, check: bool = False,
@@ -88,7 +124,9 @@ class Server:
         earlier = len(self.log())  # a server restarted in the same folder appends to its log
         self.proc = subprocess.Popen([MACHAON, "serve", "--config", str(self.config)],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        deadline = time.monotonic() + 30
+        # Generous: with the tests running in parallel workers on two cores, start-up (imports,
+        # checks, migrations) can take tens of seconds; a server that starts returns at once.
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"machaon serve exited {self.proc.returncode}:\n{self.log()}")
