@@ -7,6 +7,7 @@ can fix it without reading a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -33,8 +34,36 @@ ENV_PREFIX = "MACHAON_"
 ENV_NOT_SETTINGS = {"MACHAON_CONFIG"}
 
 
+# The password of a URL in a message (postgresql+psycopg://user:PASSWORD@host/db).
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/:@\s]*:)[^@\s]+@", re.IGNORECASE)
+# A key whose value is never printed: its last part holds one of these words (private_key, api_token).
+SECRET_WORDS = frozenset({"password", "passphrase", "secret", "key", "token"})
+
+
+def redact(text: str) -> str:
+    """`text` without the passwords of the URLs in it."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def is_secret(key: str) -> bool:
+    """Whether the value of `key` ("destinations.pacs.password") must never be printed."""
+    return bool(SECRET_WORDS & set(key.rpartition(".")[2].lower().split("_")))
+
+
 class ConfigError(Exception):
     """A configuration mistake that stops start-up; the message says what to fix."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
+
+
+class Unavailable(Exception):
+    """Something start-up needs is not there yet (the database, a port still held by a process on
+    its way out): tried again for service.startup_wait seconds, then the process exits 75
+    (EX_TEMPFAIL), which systemd restarts. The message says what is missing and what to check."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 # The transfer syntaxes the listener accepts: every one pydicom knows, each kept as received
@@ -54,11 +83,53 @@ def _check_transfer_syntax(value: str) -> str:
 TransferSyntax = Annotated[str, AfterValidator(_check_transfer_syntax)]
 
 
-class SenderSettings(Table):
-    """What machaon prefers from one sender (by calling AE title), where the sender's own order of
-    preference is not to be trusted: it proposes a syntax it cannot always deliver."""
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network (10.1.2.3, 10.1.2.0/24, ::1)") from None
+    return value
 
-    transfer_syntaxes: list[TransferSyntax] = Field(min_length=1)  # machaon's order, as UIDs
+
+Network = Annotated[str, AfterValidator(_check_network)]
+
+
+class SenderSettings(Table):
+    """What machaon expects of one sender (by calling AE title): the addresses it may call from
+    (as Orthanc's DicomCheckModalityHost), and machaon's order of transfer syntaxes where the
+    sender's own order is not to be trusted (it proposes a syntax it cannot always deliver)."""
+
+    hosts: list[Network] = []  # empty: any address
+    transfer_syntaxes: list[TransferSyntax] = []  # machaon's order, as UIDs; empty: the sender's
+
+    def allows(self, address: str) -> bool:
+        if not self.hosts:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # a dual-stack listener's IPv4 peer
+            ip = ip.ipv4_mapped
+        return any(ip in ipaddress.ip_network(host, strict=False) for host in self.hosts)
+
+
+class DicomTlsSettings(Table):
+    """DICOM TLS on a port of its own (PS3.15 B.1: TLS 1.2 or later)."""
+
+    port: int = Field(2762, ge=1, le=65535)
+    certificate: Path  # PEM, with any intermediate certificates after it
+    private_key: Path  # PEM, unencrypted: the service starts unattended
+    ca_certificates: Path | None = None  # PEM bundle that client certificates must chain to
+    require_client_certificate: bool = True
+    plain: bool = True  # also listen without TLS on dicom.port
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self):
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CA that signs "
+                             "the senders' certificates), or set it to false")
+        return self
 
 
 class DicomSettings(Table):
@@ -66,16 +137,34 @@ class DicomSettings(Table):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     allowed_calling_aets: list[AETitle] = []
-    max_associations: int = Field(10, ge=1)
-    max_pdu_size: int = Field(262144, ge=0)
+    max_associations: int = Field(10, ge=1)  # established at once
+    max_connections: int = Field(64, ge=1)  # open at once, in any state
+    max_connections_per_host: int = Field(10, ge=1)
+    max_pdu_size: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
+    max_inflated_mb: int = Field(1024, ge=1)
+    acse_timeout: float = Field(5, gt=0)
     network_timeout: float = Field(60, gt=0)
     shutdown_grace: float = Field(30, ge=0)
     senders: dict[AETitle, SenderSettings] = {}  # [dicom.senders.<calling AE title>]
+    tls: DicomTlsSettings | None = None  # [dicom.tls]
+
+    @model_validator(mode="after")
+    def _connections_hold_associations(self):
+        if self.max_connections < self.max_associations:
+            raise ValueError(f"max_connections ({self.max_connections}) must be at least "
+                             f"max_associations ({self.max_associations})")
+        return self
 
 
 class SpoolSettings(Table):
     path: Path = Path("var/spool")
     min_free_mb: int = Field(1024, ge=0)
+    # Retention (retention.py): the files of a study whose jobs all finished and whose results were
+    # all delivered are removed this many days after its last activity; 0 keeps them for ever.
+    keep_days: int = Field(14, ge=0)
+    # Below this much free space (MiB) such studies are removed oldest first, whatever their age,
+    # until it is free again; 0: never. About 2 x min_free_mb makes room before C-STOREs are refused.
+    emergency_free_mb: int = Field(0, ge=0)
 
 
 class DatabaseSettings(Table):
@@ -152,8 +241,18 @@ class ApiSettings(Table):
     read_requires_token: bool = True
 
 
+class ServiceSettings(Table):
+    """`machaon serve`, `machaon worker` and `machaon api` as long-running services."""
+
+    # Seconds start-up waits for what may come by itself (the database starting up, a port still
+    # held by a process on its way out) before it exits 75, which systemd restarts.
+    startup_wait: float = Field(60, ge=0)
+
+
 class LogSettings(Table):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Patient names and IDs in log lines (Phi values); false logs UIDs, AE titles and counts only.
+    phi: bool = False
 
 
 class Settings(Table):
@@ -168,6 +267,7 @@ class Settings(Table):
     worker: WorkerSettings = WorkerSettings()
     dispatch: DispatchSettings = DispatchSettings()
     api: ApiSettings = ApiSettings()
+    service: ServiceSettings = ServiceSettings()
     log: LogSettings = LogSettings()
 
     # Where each key's value came from ("dicom.port" -> "/etc/machaon.toml"),
@@ -186,15 +286,15 @@ class Settings(Table):
 
     def source_of(self, key: str) -> str:
         """Where `key` was set; for a key inside a table (destinations.pacs.tls), where its table was."""
-        while key:
-            if key in self.sources:
-                return self.sources[key]
-            key = key.rpartition(".")[0]
-        return "the built-in default"
+        return _source(self.sources, key) or "the built-in default"
 
     def error(self, key: str, problem: str) -> ConfigError:
         """A ConfigError about `key` (e.g. "dicom.port"), naming where it was set."""
         return ConfigError(f"{key} (set in {self.source_of(key)}): {problem}")
+
+    def unavailable(self, key: str, problem: str) -> Unavailable:
+        """An Unavailable about what `key` names (the database, a port), naming where it was set."""
+        return Unavailable(f"{key} (set in {self.source_of(key)}): {problem}")
 
 
 def embedded_config_path() -> Path:
@@ -210,6 +310,10 @@ def load_settings(path: Path | str | None = None, environ: dict[str, str] | None
     sources = {f"{section}.{key}": str(path)
                for section, values in data.items() if isinstance(values, dict)
                for key in values}
+    # [[rules]]: each table of an array of tables, by its index.
+    sources.update((f"{section}.{i}", str(path))
+                   for section, values in data.items() if isinstance(values, list)
+                   for i in range(len(values)))
     for var, raw in sorted(environ.items()):
         if var.startswith(ENV_PREFIX) and var not in ENV_NOT_SETTINGS:
             section, key = _env_key(var, path)
@@ -218,7 +322,7 @@ def load_settings(path: Path | str | None = None, environ: dict[str, str] | None
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, sources, path)) from None
+        raise ConfigError(_describe(exc, data, sources, path)) from None
     settings.sources = sources
     return settings
 
@@ -255,13 +359,50 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def _describe(exc: ValidationError, sources: dict[str, str], path: Path) -> str:
+def _source(sources: dict[str, str], key: str) -> str | None:
+    """Where `key` or the table holding it was set; None where neither was."""
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def _describe(exc: ValidationError, data: dict[str, Any], sources: dict[str, str], path: Path) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"])
-        top = ".".join(str(part) for part in err["loc"][:2])
-        where = sources.get(top, str(path))
+        key = ".".join(_key_parts(err["loc"], data))
         problem = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
-        lines.append(f"{key} (set in {where}): {problem}{got}")
+        across = re.fullmatch(r"Value error, ([\w.-]+): (.*)", problem, re.DOTALL)
+        if not key and across:  # a check across tables (Settings' validators) names its key first
+            key, problem = across.groups()
+        lines.append(f"{key} (set in {_source(sources, key) or path}): {problem}{_input_shown(key, err)}")
     return "; ".join(lines)
+
+
+def _key_parts(loc: tuple, data: Any) -> list[str]:
+    """The error's location as the file spells it: pydantic puts the tag of a tagged union (the
+    `type` of a [destinations.NAME] table) in the location, where the file has no such key."""
+    parts, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue
+        parts.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return parts
+
+
+def _input_shown(key: str, err) -> str:
+    """The wrong value, where it helps and is no secret: never a secret key's value, nor a whole
+    table (its keys are named; its values may hold a password)."""
+    value = err.get("input")
+    if err["type"] in ("extra_forbidden", "missing") or is_secret(key):
+        return ""
+    if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        return ""
+    return f" (got {value!r})"

@@ -132,6 +132,9 @@ class Study(Base):
     planned_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Why the latest planning could not read or plan all of the study (None when it could).
     planning_error: Mapped[str | None] = mapped_column(Text)
+    # When retention last removed its files from the spool (retention.py): the files of the
+    # instances received before then are gone; its rows stay.
+    files_removed_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
     series: Mapped[list[SeriesRow]] = relationship(back_populates="study", order_by="SeriesRow.id")
 
 
@@ -409,9 +412,27 @@ class ReceivedInstance:
     columns: int | None = None
 
 
-class SeriesConflict(Exception):
-    """A Series Instance UID already filed under another study (a sender error:
-    the UID is meant to be unique); the caller's transaction must roll back."""
+class UidConflict(Exception):
+    """A UID meant to be unique already filed under another study (a sender error, or a peer
+    claiming what is not its own); the caller's transaction must roll back, keeping the first."""
+
+    def __init__(self, kind: str, uid: str, owner_study_uid: str):
+        super().__init__(f"{kind} {uid} already belongs to study {owner_study_uid}")
+        self.kind, self.uid, self.owner_study_uid = kind, uid, owner_study_uid
+
+
+class SeriesConflict(UidConflict):
+    """A Series Instance UID already filed under another study."""
+
+    def __init__(self, uid: str, owner_study_uid: str):
+        super().__init__("series", uid, owner_study_uid)
+
+
+class InstanceConflict(UidConflict):
+    """A SOP Instance UID already kept under another study."""
+
+    def __init__(self, uid: str, owner_study_uid: str):
+        super().__init__("instance", uid, owner_study_uid)
 
 
 @dataclass(frozen=True)
@@ -446,7 +467,10 @@ def _ingest_statements(dialect: str) -> SimpleNamespace:
             status=StudyStatus.RECEIVING, completed_at=None, last_received_at=bindparam("now"),
             **{c.key: keep(c) for c in _SERIES_FACTS},
         ).returning(SeriesRow.id, SeriesRow.study_id),
-        instance_path=select(Instance.path).where(Instance.sop_instance_uid == bindparam("uid")),
+        kept_instance=select(Instance.path, Study.study_uid)
+        .join(SeriesRow, Instance.series_id == SeriesRow.id).join(Study, SeriesRow.study_id == Study.id)
+        .where(Instance.sop_instance_uid == bindparam("uid")),
+        study_uid=select(Study.study_uid).where(Study.id == bindparam("id")),
         upsert_instance=_upsert_instance(dialect),
     )
 
@@ -491,8 +515,12 @@ def record_instance(conn: Connection, inst: ReceivedInstance, actor: str) -> Rec
     series_id, series_study_id = conn.execute(q.touch_series, dict(
         uid=inst.series_uid, now=now, **_new_series_facts(inst))).one()
     if series_study_id != study_id:
-        raise SeriesConflict(inst.series_uid)
-    previous = conn.execute(q.instance_path, dict(uid=inst.sop_instance_uid)).scalar_one_or_none()
+        owner = conn.execute(q.study_uid, dict(id=series_study_id)).scalar_one()
+        raise SeriesConflict(inst.series_uid, owner)
+    kept = conn.execute(q.kept_instance, dict(uid=inst.sop_instance_uid)).first()
+    if kept is not None and kept.study_uid != inst.study_uid:
+        raise InstanceConflict(inst.sop_instance_uid, kept.study_uid)
+    previous = kept.path if kept is not None else None
     conn.execute(q.upsert_instance, dict(
         series_id=series_id, sop_instance_uid=inst.sop_instance_uid,
         sop_class_uid=inst.sop_class_uid, transfer_syntax_uid=inst.transfer_syntax_uid,
