@@ -5,12 +5,14 @@ one association, and over 4 parallel associations (storescp with --fork), to
 each receiver in turn, alternating, several rounds. machaon fsyncs every file
 and commits every row before it answers; storescp does neither. A third
 receiver, pynetdicom with a handler that keeps nothing (noop_scp.py), shows
-the ceiling of the network layer machaon is built on.
+the ceiling of the network layer machaon is built on. With --tls, machaon is also
+measured over DICOM TLS (storescu +tls, TLS 1.2 or later, client certificates).
 
-    .venv/bin/python -m benchmarks.ingest [--rounds 3] [--slices 300] [--database postgresql+psycopg://...]
+    .venv/bin/python -m benchmarks.ingest [--rounds 3] [--slices 300] [--tls]
+        [--database postgresql+psycopg://...]
 
-Prints images/s per receiver and case, and the ratio machaon / storescp;
-writes the same as JSON to benchmarks/out/ingest.json.
+Prints images/s per receiver and case, and the ratios machaon / storescp and
+machaon over TLS / machaon; writes the same as JSON to benchmarks/out/ingest.json.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.dicomgen import write_ct_series
-from tests.harness import free_port
+from tests.harness import free_port, make_certificates
 
 HERE = Path(__file__).parent
 
@@ -78,12 +80,18 @@ def pynetdicom_noop(workdir: Path):
 
 
 @contextmanager
-def machaon(workdir: Path, database: str | None):
+def machaon(workdir: Path, database: str | None, certs: Path | None = None):
+    """machaon serve; with `certs`, listening over DICOM TLS (the port yielded) too."""
     port = free_port()
     url = database or f"sqlite:///{workdir}/machaon.db"
     env = {**ENV, "MACHAON_DATABASE_URL": url, "MACHAON_DICOM_HOST": "127.0.0.1",
            "MACHAON_DICOM_PORT": str(port), "MACHAON_SPOOL_PATH": str(workdir / "spool"),
-           "MACHAON_SPOOL_MIN_FREE_MB": "0", "MACHAON_LOG_LEVEL": "WARNING"}
+           "MACHAON_SPOOL_MIN_FREE_MB": "0", "MACHAON_LOG_LEVEL": "WARNING", "MACHAON_API_ENABLED": "false",
+           "MACHAON_MODELS_PATH": str(HERE.parent / "build" / "models")}
+    if certs:
+        port = free_port()
+        env["MACHAON_DICOM_TLS"] = (f'{{port = {port}, certificate = "{certs}/pacs.crt", '
+                                    f'private_key = "{certs}/pacs.key", ca_certificates = "{certs}/ca.crt"}}')
     subprocess.run([MACHAON, "db", "upgrade"], env=env, check=True, capture_output=True)
     proc = subprocess.Popen([MACHAON, "serve"], env=env, cwd=workdir)
     try:
@@ -94,20 +102,22 @@ def machaon(workdir: Path, database: str | None):
         proc.wait(60)
 
 
-def receiving(receiver: str, workdir: Path, parallel: bool, database: str | None):
+def receiving(receiver: str, workdir: Path, parallel: bool, database: str | None, certs: Path):
     if receiver == "storescp":
         return storescp(workdir, parallel)
     if receiver == "machaon":
         return machaon(workdir, database)
+    if receiver == "machaon-tls":
+        return machaon(workdir, database, certs)
     return pynetdicom_noop(workdir)
 
 
-def send(port: int, files: list[Path], associations: int) -> float:
+def send(port: int, files: list[Path], associations: int, tls: tuple[str, ...] = ()) -> float:
     """Seconds from the first association to the last response."""
     groups = [files[i::associations] for i in range(associations)]
     start = time.perf_counter()
-    senders = [subprocess.Popen(["/usr/bin/storescu", "-aec", "BENCH", "127.0.0.1", str(port), *map(str, g)],
-                                env=ENV, stderr=subprocess.PIPE, text=True) for g in groups]
+    senders = [subprocess.Popen(["/usr/bin/storescu", *tls, "-aec", "MACHAON", "127.0.0.1", str(port),
+                                 *map(str, g)], env=ENV, stderr=subprocess.PIPE, text=True) for g in groups]
     for s in senders:
         _, err = s.communicate()
         if s.returncode != 0:
@@ -130,7 +140,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--database", help="job store URL for machaon (default: SQLite in a temp folder)")
+    parser.add_argument("--tls", action="store_true", help="also machaon over DICOM TLS")
     args = parser.parse_args()
+    certs = make_certificates(HERE / "out" / "certs")
+    client = ("+tls", str(certs / "machaon.key"), str(certs / "machaon.crt"), "+cf", str(certs / "ca.crt"))
 
     data = HERE / "out" / f"ct{args.slices}"
     if not (data.is_dir() and len(list(data.glob("*.dcm"))) == args.slices):
@@ -140,16 +153,18 @@ def main() -> None:
 
     results: dict[str, dict[str, list[float]]] = {}
     for case, associations in (("1 association", 1), ("4 associations", 4)):
-        times = results.setdefault(case, {"storescp": [], "machaon": [], "pynetdicom-noop": []})
+        receivers = ["storescp", "machaon", "pynetdicom-noop", *(["machaon-tls"] if args.tls else [])]
+        times = results.setdefault(case, {r: [] for r in receivers})
         for round_ in range(args.rounds):
             order = list(times) if round_ % 2 == 0 else list(reversed(times))
             for receiver in order:
                 with tempfile.TemporaryDirectory(dir=HERE / "out") as tmp:
                     workdir = Path(tmp)
-                    if receiver == "machaon" and args.database:
+                    if receiver.startswith("machaon") and args.database:
                         reset_database(args.database)
-                    with receiving(receiver, workdir, associations > 1, args.database) as port:
-                        times[receiver].append(send(port, files, associations))
+                    with receiving(receiver, workdir, associations > 1, args.database, certs) as port:
+                        tls = client if receiver == "machaon-tls" else ()
+                        times[receiver].append(send(port, files, associations, tls))
             print(f"{case}, round {round_ + 1}: " + ", ".join(
                 f"{r} {len(files) / t[-1]:.0f} images/s" for r, t in times.items()), flush=True)
 
@@ -162,8 +177,13 @@ def main() -> None:
         ratio, ceiling = rate["machaon"] / rate["storescp"], rate["pynetdicom-noop"] / rate["storescp"]
         summary[case] = {**{f"{r}_images_per_s": round(v, 1) for r, v in rate.items()},
                          "ratio": round(ratio, 3), "pynetdicom_noop_ratio": round(ceiling, 3)}
+        tls = ""
+        if "machaon-tls" in rate:
+            summary[case]["tls_ratio"] = round(rate["machaon-tls"] / rate["machaon"], 3)
+            tls = (f"   machaon over TLS {rate['machaon-tls']:.0f} images/s, "
+                   f"{summary[case]['tls_ratio']:.2f}x plain")
         print(f"{case:<16}{rate['storescp']:>10.0f}{rate['machaon']:>10.0f}{rate['pynetdicom-noop']:>10.0f}"
-              f"{ratio:>18.2f}{ceiling:>15.2f}")
+              f"{ratio:>18.2f}{ceiling:>15.2f}{tls}")
     (HERE / "out" / "ingest.json").write_text(json.dumps(
         {"slices": len(files), "rounds": args.rounds, "database": args.database or "sqlite", **summary},
         indent=2))

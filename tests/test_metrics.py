@@ -113,7 +113,7 @@ def test_refusals_and_rejections_are_counted_and_the_reason_logged(serve, tmp_pa
     assert "Calling AE Title Not Recognized" in intruder.stderr, intruder.stderr
     server.wait_for(lambda: "association from INTRUDER (127.0.0.1:" in server.log(), what="the rejection logged")
     [line] = [x for x in server.log().splitlines() if "association from INTRUDER" in x]
-    assert ("rejected: calling AE title 'INTRUDER' is not in dicom.allowed_calling_aets "
+    assert ("rejected: calling AE title INTRUDER is not in dicom.allowed_calling_aets "
             "(SCANNER, HOLDER); add it there if it may send") in line
 
     holder = AE("HOLDER")

@@ -207,3 +207,13 @@ def test_a_sender_setting_with_an_unknown_transfer_syntax_names_the_key(tmp_path
     path.write_text('[dicom.senders.MODALITY]\ntransfer_syntaxes = ["1.2.840.10008.1.2.1", "JPEG2000Lossless"]\n')
     assert load_settings(path, environ={}).dicom.senders["MODALITY"].transfer_syntaxes == [
         "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"]
+
+
+def test_a_patient_name_reaches_the_log_only_where_log_phi_is_true(serve, tmp_path):
+    [image] = write_ct_series(tmp_path / "ct", slices=1, size=64)
+    bad = with_raw_values(image, tmp_path / "bad.dcm", PatientName="DOE^JANE=A=B=C")  # 4 groups of 3 at most
+    for phi in (False, True):
+        server = serve(log={"phi": phi})
+        assert acknowledged(storescu(server.port, bad).stderr) == 1
+        server.wait_for(lambda s=server: "not what their VR says: PatientName" in s.log(), what="the warning")
+        assert ("DOE^JANE" in server.log()) == phi

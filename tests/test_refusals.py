@@ -142,9 +142,33 @@ def test_disk_watermark_refuses_with_out_of_resources(serve, tmp_path, small_dis
 
     refused = storescu(server.port, ct[1])
     assert "Received Store Response (Refused: OutOfResources)" in refused.stderr, refused.stderr
-    assert "refused (0xA700): less than 24 MiB free in the spool" in server.log()
+    assert "refused (0xA700): not stored: less than 24 MiB would be left free in the spool" in server.log()
     assert not list((server.spool / "incoming").iterdir())
 
     ballast.unlink()  # space is back: the same instance is accepted again
     assert acknowledged(storescu(server.port, ct[1]).stderr) == 1
     assert server.machaon("echo", f"MACHAON@127.0.0.1:{server.port}").returncode == 0
+
+
+def test_one_object_larger_than_the_free_space_is_refused_not_aborted(serve, tmp_path, small_disk):
+    """Free space is checked as the object streams in: the object is refused with 0xA700 on its own
+    association, which goes on; the disk never fills; incoming/ keeps nothing."""
+    server = serve(spool={"path": str(small_disk / "spool"), "min_free_mb": 4})
+    (small_disk / "ballast").write_bytes(b"\0" * (26 << 20))  # about 22 MiB free
+    [large] = write_ct_series(tmp_path / "large", slices=1, size=4096)  # 32 MiB
+    small = write_ct_series(tmp_path / "small", slices=2, size=64)
+    # One association: the large object, then a small one (there is room for it).
+    sent = storescu(server.port, large, small[0], extra=("--no-halt",))
+    assert "Received Store Response (Refused: OutOfResources)" in sent.stderr, sent.stderr
+    assert acknowledged(sent.stderr) == 1 and "Abort" not in sent.stderr, sent.stderr
+    assert "would be left free in the spool" in server.log()
+    assert not list((server.spool / "incoming").iterdir())
+    (small_disk / "ballast").unlink()  # space is back
+    assert acknowledged(storescu(server.port, large, small[1]).stderr) == 2
+
+
+def test_a_spool_below_its_watermark_at_start_is_said_at_once(serve, tmp_path, small_disk):
+    server = serve(spool={"path": str(small_disk / "spool"), "min_free_mb": 64})  # a 48 MiB disk
+    assert "less than spool.min_free_mb (64): C-STOREs are refused with 'out of resources'" in server.log()
+    [image] = write_ct_series(tmp_path / "ct", slices=1, size=64)
+    assert "Refused: OutOfResources" in storescu(server.port, image).stderr

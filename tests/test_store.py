@@ -17,6 +17,7 @@ from machaon.rules import Match, Rule
 from machaon.spool import Spool
 from machaon.store import (
     Event,
+    InstanceConflict,
     ReceivedInstance,
     SchemaError,
     SeriesConflict,
@@ -162,6 +163,16 @@ def test_series_uid_reused_in_another_study_is_refused(store):
         ingest(store, instance(study_b, series))
     with store.session() as session:
         assert [s["study_uid"] for s in list_studies(session)] == [study_a]  # rolled back whole
+
+
+def test_sop_instance_uid_of_another_study_is_refused_and_the_first_kept(store):
+    study_a, study_b, sop = generate_uid(), generate_uid(), generate_uid()
+    ingest(store, instance(study_a, generate_uid(), sop))
+    with pytest.raises(InstanceConflict, match=f"instance {sop} already belongs to study {study_a}"):
+        ingest(store, instance(study_b, generate_uid(), sop))
+    with store.session() as session:
+        assert [s["study_uid"] for s in list_studies(session)] == [study_a]
+        assert show_study(session, study_a)["instance_count"] == 1
 
 
 def test_reading_does_not_hold_up_ingest(store):

@@ -16,19 +16,29 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import ssl
 import tempfile
 import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from pydicom import config as pydicom_config
-from pydicom import dcmread
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VM, dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, MediaStorageDirectoryStorage
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.tag import Tag
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 from pydicom.valuerep import DA, validate_regex, validate_value
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.association import Association
@@ -40,11 +50,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # Verification
     Verification,
     uid_to_service_class,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine, select
 
 from . import metrics
 from .config import TRANSFER_SYNTAXES, Settings
+from .listener import BoundedSocket, Connections, ListenerServer, start_server, tls_context
 from .spool import Spool, valid_uid
 from .store import (
     IMAGE_TYPE_LENGTH,
@@ -53,6 +63,7 @@ from .store import (
     Recorded,
     SeriesConflict,
     Store,
+    UidConflict,
     add_event,
     instances_without_facts,
     record_facts,
@@ -70,6 +81,8 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+
+DEFAULT_MAX_INFLATED = 1024 * 2**20  # dicom.max_inflated_mb's default, for files read outside ingest
 
 
 def _storage_sop_classes() -> list[str]:
@@ -102,6 +115,7 @@ _VALUE_TAGS = [
     "InstanceNumber", "NumberOfFrames", "ImagesInAcquisition", "Rows", "Columns", "ImagePositionPatient",
     "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
 ]
+_IDENTIFYING = {"PatientName", "PatientID", "AccessionNumber"}  # logged only with log.phi = true
 _HEADER_TAGS = ["SpecificCharacterSet", *_UID_TAGS, *_VALUE_TAGS]  # the character set decodes names
 
 
@@ -132,6 +146,7 @@ class _AssociationLog:
     studies: set[str] = field(default_factory=set)
     ended: str = "closed"
     protocol_error: bool = False
+    conflicts: set[str] = field(default_factory=set)  # UIDs whose conflict was recorded
 
 
 class StorageSCP:
@@ -139,23 +154,27 @@ class StorageSCP:
         self.settings = settings
         self.store = store
         self.spool = spool
-        self.server: ThreadedAssociationServer | None = None
         self.ae = self._make_ae()
+        self.servers: list[ListenerServer] = []
+        self.connections = Connections(settings.dicom)  # shared by the plain and the TLS port
         self._associations: dict[int, _AssociationLog] = {}
         self._associations_lock = threading.Lock()  # association threads and the scheduler
-        # Two copies of one SOP Instance arriving at once must not interleave
-        # their rename and their row; striped locks keep that cheap.
-        self._uid_locks = [threading.Lock() for _ in range(64)]
+        self._admitted: set[int] = set()  # associations given a slot (under _associations_lock)
+        self._overflowing: set[int] = set()  # associations whose message in flight found no room
+        self.max_inflated = settings.dicom.max_inflated_mb * 2**20
 
     def _make_ae(self) -> AE:
         dicom = self.settings.dicom
         ae = AE(ae_title=dicom.ae_title)
-        ae.maximum_associations = dicom.max_associations
+        # Who may associate, and how many at once, is decided in _on_requested: pynetdicom's own
+        # limit counts connections that never sent an A-ASSOCIATE-RQ, so it is only a backstop.
+        ae.maximum_associations = dicom.max_connections
+        ae.require_called_aet = False
         ae.maximum_pdu_size = dicom.max_pdu_size
         ae.network_timeout = dicom.network_timeout
-        ae.acse_timeout = dicom.network_timeout
+        # A connection must send its A-ASSOCIATE-RQ (and answer a release) within acse_timeout.
+        ae.acse_timeout = dicom.acse_timeout
         ae.dimse_timeout = dicom.network_timeout
-        ae.require_calling_aet = list(dicom.allowed_calling_aets)
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -177,16 +196,42 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        address = (self.settings.dicom.host, self.settings.dicom.port)
-        self.server = self.ae.start_server(address, block=False, evt_handlers=handlers)
-        log.info("listening as %s on %s:%d", self.settings.dicom.ae_title, *address)
+        dicom = self.settings.dicom
+        try:
+            if dicom.tls is None or dicom.tls.plain:
+                self._listen(dicom.port, None, handlers)
+            if dicom.tls is not None:
+                self._listen(dicom.tls.port, tls_context(dicom.tls), handlers)
+        except BaseException:  # a port taken: let go of the other, so that start() may be tried again
+            for server in self.servers:
+                server.shutdown()
+            self.servers = []
+            raise
+
+    def _listen(self, port: int, context: ssl.SSLContext | None, handlers) -> None:
+        address = (self.settings.dicom.host, port)
+        self.servers.append(start_server(self.ae, address, self.settings.dicom, context, handlers,
+                                         self._on_oversize, self.connections))
+        log.info("listening as %s on %s:%d%s", self.settings.dicom.ae_title, *address,
+                 " (DICOM TLS)" if context else "")
+
+    @property
+    def server(self) -> ListenerServer | None:
+        """The first listener (the plain one, unless only TLS is on)."""
+        return self.servers[0] if self.servers else None
+
+    def established(self) -> int:
+        """Associations holding a slot (dicom.max_associations)."""
+        with self._associations_lock:
+            return len(self._admitted)
 
     def stop(self, grace_s: float, hurry: threading.Event | None = None) -> None:
         """Stop accepting associations, let those in flight finish for up to
         `grace_s` seconds (or until `hurry` is set), then abort whatever is left."""
-        if self.server is None:
+        if not self.servers:
             return
-        self.server.shutdown()
+        for server in self.servers:
+            server.shutdown()
         deadline = time.monotonic() + grace_s
         # Only associations that got established carry transfers worth waiting
         # for; a connection that never sent an A-ASSOCIATE-RQ is just dropped.
@@ -197,24 +242,79 @@ class StorageSCP:
         if left:
             log.warning("aborting %d association(s) still open", len(left))
         self.ae.shutdown()
-        for assoc in self.ae.active_associations:  # a handler may be mid-commit
-            assoc.join(timeout=5)
-        self.server = None
+        joined_by = time.monotonic() + 5  # a handler may be mid-commit: 5 s for all of them
+        for assoc in self.ae.active_associations:
+            assoc.join(timeout=max(joined_by - time.monotonic(), 0))
+        self.servers = []
 
     # --- negotiation --------------------------------------------------------
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Order our transfer syntaxes for this association before pynetdicom negotiates: it
-        accepts, for each proposed context, the first of the acceptor's syntaxes that the sender
-        proposed. The acceptor's supported contexts are a per-association copy, settable until
-        negotiation starts."""
+        """Admit the association or reject it (who calls, from where, to whom; a slot free), then
+        order our transfer syntaxes for it before pynetdicom negotiates: it accepts, for each
+        proposed context, the first of the acceptor's syntaxes that the sender proposed. The
+        acceptor's supported contexts are a per-association copy, settable until negotiation."""
         request = event.assoc.requestor.primitive
         assert request is not None  # pynetdicom keeps the A-ASSOCIATE-RQ before it triggers EVT_REQUESTED
+        try:
+            admitted = self._admit(event.assoc)
+        except Exception:  # a bug of ours: reject rather than let pynetdicom negotiate unchecked
+            log.exception("could not decide on the association from %s", event.assoc.requestor.address)
+            event.assoc.acse.send_reject(2, 1, 1)
+            event.assoc.kill()
+            return
+        if not admitted:
+            return
         sender = self.settings.dicom.senders.get(request.calling_ae_title.strip())
         acceptor = event.assoc.acceptor
         acceptor.supported_contexts = _in_preferred_order(
             acceptor.supported_contexts, request.presentation_context_definition_list,
             sender.transfer_syntaxes if sender else [])
+
+    def _admit(self, assoc: Association) -> bool:
+        """Give `assoc` a slot, or send an A-ASSOCIATE-RJ saying why not (and log it). pynetdicom
+        then skips negotiation and closes the connection."""
+        rejection = self._rejection_of(assoc)
+        if rejection is None:
+            with self._associations_lock:
+                if len(self._admitted) < self.settings.dicom.max_associations:
+                    self._admitted.add(id(assoc))
+                    return True
+            rejection = (2, 3, 2, f"{self.settings.dicom.max_associations} association(s) already open "
+                                  "(dicom.max_associations); the sender may try again later")
+        result, source, diagnostic, why = rejection
+        metrics.association("rejected")
+        requestor, request = assoc.requestor, assoc.requestor.primitive
+        calling = request.calling_ae_title if request else ""
+        log.warning("association from %s (%s:%s) rejected: %s", _ae(calling), requestor.address,
+                    requestor.port, why)
+        assoc.acse.send_reject(result, source, diagnostic)
+        assoc.kill()  # as pynetdicom does after its own rejections: the DUL sends the RJ and stops
+        return False
+
+    def _rejection_of(self, assoc: Association) -> tuple[int, int, int, str] | None:
+        """(result, source, diagnostic, why) of the A-ASSOCIATE-RJ for a peer that may not send."""
+        dicom, request = self.settings.dicom, assoc.requestor.primitive
+        assert request is not None
+        calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
+        if called != dicom.ae_title:
+            return 1, 1, 7, f"called AE title {_ae(called)} is not {dicom.ae_title!r} (dicom.ae_title)"
+        if dicom.allowed_calling_aets and calling not in dicom.allowed_calling_aets:
+            return 1, 1, 3, (f"calling AE title {_ae(calling)} is not in dicom.allowed_calling_aets "
+                             f"({', '.join(dicom.allowed_calling_aets)}); add it there if it may send")
+        sender = dicom.senders.get(calling)
+        if sender and not sender.allows(assoc.requestor.address):
+            return 1, 1, 3, (f"calling AE title {_ae(calling)} may call only from "
+                             f"{', '.join(sender.hosts)} (dicom.senders.{calling}.hosts)")
+        return None
+
+    def _on_oversize(self, sock: BoundedSocket, pdu_type: int, length: int, bound: int) -> None:
+        requestor = sock.assoc.requestor
+        metrics.association("aborted")
+        log.warning("association from %s (%s:%s) aborted: a PDU of type 0x%02X announced %d bytes, more "
+                    "than the %d it may have%s", _ae(requestor.ae_title), requestor.address,
+                    requestor.port, pdu_type, length, bound,
+                    " (dicom.max_pdu_size)" if bound == self.settings.dicom.max_pdu_size else "")
 
     def _on_pdu(self, event: evt.Event) -> None:
         """A message on a presentation context that was not accepted is a protocol error. pynetdicom
@@ -224,6 +324,7 @@ class StorageSCP:
         is dropped here, before pynetdicom reads it, and the association aborted."""
         if not isinstance(event.pdu, P_DATA_TF):
             return
+        self._check_room(event.assoc, event.pdu)
         # Until the association thread has run _on_established, the accepted contexts are read here.
         stats = self._associations.get(id(event.assoc))
         if stats and stats.protocol_error:  # aborted already: drop whatever still comes
@@ -248,6 +349,28 @@ class StorageSCP:
                     _describe_context(offered[stray[0]]) if stray[0] in offered else "never proposed")
         event.assoc.abort()  # within an event handler, pynetdicom's abort does not wait
 
+    def _check_room(self, assoc: Association, pdu: P_DATA_TF) -> None:
+        """Free space is checked as each P-DATA-TF of a dataset arrives, before pynetdicom writes it
+        to incoming/. Once there is not room for it above spool.min_free_mb, the rest of that
+        message's dataset is dropped (each fragment keeps its control byte, so the message still
+        ends) and _on_store refuses it with 0xA700; pynetdicom then removes the partial file. The
+        disk never fills, and the association goes on."""
+        fragments = [(item, item.presentation_data_value or b"")
+                     for item in pdu.presentation_data_value_items]
+        fragments = [(item, data) for item, data in fragments if data and not data[0] & 1]  # not commands
+        if not fragments:
+            return
+        if id(assoc) not in self._overflowing:
+            size = sum(len(data) for _item, data in fragments)
+            try:
+                if self.spool.free_bytes() - size >= self.spool.min_free_bytes:
+                    return
+            except OSError:
+                return  # the spool itself is gone: _keep says so
+            self._overflowing.add(id(assoc))
+        for item, data in fragments:
+            item.presentation_data_value = data[:1]
+
     # --- C-STORE ------------------------------------------------------------
 
     def _on_store(self, event: evt.Event) -> Dataset:
@@ -256,13 +379,18 @@ class StorageSCP:
         request = event.request
         assert isinstance(request, C_STORE)  # what EVT_C_STORE carries
         try:
+            if id(event.assoc) in self._overflowing:
+                self._overflowing.discard(id(event.assoc))
+                raise Refused(OUT_OF_RESOURCES, "not stored: less than "
+                              f"{self.settings.spool.min_free_mb} MiB would be left free in the spool; "
+                              "retry later")
             inst = self._keep(event, calling_ae)
         except Refused as exc:
             if stats:
                 stats.failed += 1
             metrics.instance_refused(exc.kind)
-            log.warning("C-STORE from %s refused (0x%04X): %s (%s in %s)", calling_ae, exc.status, exc,
-                        request.AffectedSOPInstanceUID, UID(event.context.transfer_syntax).name)
+            log.warning("C-STORE from %s refused (0x%04X): %s (%s in %s)", _ae(calling_ae), exc.status, exc,
+                        ascii(str(request.AffectedSOPInstanceUID)), UID(event.context.transfer_syntax).name)
             return _status(exc.status, str(exc))
         metrics.instance_received(inst.size_bytes)
         if stats:
@@ -287,7 +415,7 @@ class StorageSCP:
         if not room:
             raise Refused(OUT_OF_RESOURCES,
                           f"less than {self.settings.spool.min_free_mb} MiB free in the spool; retry later")
-        header, invalid = _read_header(received)
+        header, invalid = _read_header(received, self.max_inflated)
         _check_request(header, event.request)
         relative = self.spool.relative_path(header.StudyInstanceUID, header.SeriesInstanceUID,
                                             header.SOPInstanceUID)
@@ -306,6 +434,8 @@ class StorageSCP:
             except Exception as exc:
                 if not had_copy:  # never acknowledged, and now in no row: don't leave it
                     self.spool.remove(relative)
+                if isinstance(exc, UidConflict):
+                    self._conflict(exc, inst, event.assoc)
                 raise _refusal(exc, inst) from None
             if recorded.replaced_path:  # the same instance, kept earlier under other UIDs
                 self.spool.remove(recorded.replaced_path)
@@ -319,7 +449,7 @@ class StorageSCP:
         another place, or a newer copy of the instance is kept elsewhere."""
         path = self.spool.path(relative)
         try:
-            header, invalid = _read_header(path)
+            header, invalid = _read_header(path, self.max_inflated)
         except Refused as exc:
             raise Refused(exc.status, f"cannot be read: {exc}") from None
         if relative != self.spool.relative_path(header.StudyInstanceUID, header.SeriesInstanceUID,
@@ -333,8 +463,28 @@ class StorageSCP:
         with self._uid_lock(inst.sop_instance_uid):
             try:
                 self._record(inst, invalid, "startup", indexed=True)
-            except SeriesConflict:
-                raise Refused(DOES_NOT_MATCH, "its series belongs to another study") from None
+            except UidConflict as exc:
+                raise Refused(DOES_NOT_MATCH, f"{exc.kind} belongs to another study") from None
+
+    def _conflict(self, conflict: UidConflict, inst: ReceivedInstance, assoc: Association) -> None:
+        """A UID claimed by two studies: the first keeps it, and its study's history says who else
+        claimed it (once per association and UID, not once per instance of a series)."""
+        stats = self._associations.get(id(assoc))
+        if stats is not None:
+            if conflict.uid in stats.conflicts:
+                return
+            stats.conflicts.add(conflict.uid)
+        peer = f"{inst.calling_ae}@{assoc.requestor.address}"
+        log.warning("%s from %s refused: %s %s already belongs to study %s (sent under study %s)",
+                    inst.sop_instance_uid, _ae(inst.calling_ae), conflict.kind, conflict.uid,
+                    conflict.owner_study_uid, inst.study_uid)
+        try:
+            with self.store.session.begin() as session:
+                add_event(session, f"dicom:{peer}", f"{conflict.kind}.conflict", conflict.owner_study_uid,
+                          uid=conflict.uid, sent_under_study=inst.study_uid,
+                          sop_instance_uid=inst.sop_instance_uid, refused=True)
+        except Exception:
+            log.exception("could not record the conflict over %s", conflict.uid)
 
     def _kept_at(self, sop_instance_uid: str) -> str | None:
         with self.store.read_session() as session:
@@ -352,14 +502,17 @@ class StorageSCP:
             if invalid:
                 add_event(conn, actor, "instance.invalid_values", inst.study_uid,
                           sop_instance_uid=inst.sop_instance_uid, values=invalid)
-        if invalid:
+        if invalid:  # a patient's name or ID is in the event, and in the log only with log.phi
+            shown = ", ".join(k if k in _IDENTIFYING and not self.settings.log.phi else f"{k}={v!r}"
+                              for k, v in invalid.items())
             log.warning("instance %s of study %s (%s): recorded without the values that are not what "
-                        "their VR says: %s", inst.sop_instance_uid, inst.study_uid, actor,
-                        ", ".join(f"{k}={v!r}" for k, v in invalid.items()))
+                        "their VR says: %s", inst.sop_instance_uid, inst.study_uid, actor, shown)
         return recorded
 
     def _uid_lock(self, sop_instance_uid: str) -> threading.Lock:
-        return self._uid_locks[zlib.crc32(sop_instance_uid.encode()) % len(self._uid_locks)]
+        """Two copies of one SOP Instance arriving at once must not interleave their rename and
+        their row, nor a copy and retention removing the study's files (the spool's locks)."""
+        return self.spool.instance_lock(sop_instance_uid)
 
     # --- association bookkeeping: one log line and one event per association ---
 
@@ -397,6 +550,9 @@ class StorageSCP:
     def _on_close(self, event: evt.Event) -> None:
         with self._associations_lock:
             stats = self._associations.pop(id(event.assoc), None)
+            self._admitted.discard(id(event.assoc))
+            self._overflowing.discard(id(event.assoc))
+        _remove_partial(event.assoc)
         if stats is None:
             return
         seconds = time.monotonic() - stats.started
@@ -417,22 +573,16 @@ class StorageSCP:
         """pynetdicom sent an A-ASSOCIATE-RJ (before negotiating contexts): say why."""
         metrics.association("rejected")
         requestor = event.assoc.requestor
-        log.warning("association from %s (%s:%s) rejected: %s", requestor.ae_title or "?",
+        log.warning("association from %s (%s:%s) rejected: %s", _ae(requestor.ae_title),
                     requestor.address, requestor.port, self._rejection(event.assoc))
 
     def _rejection(self, assoc: Association) -> str:
-        """Why pynetdicom rejected `assoc`, and what to do, from the A-ASSOCIATE-RJ it sent."""
+        """Why pynetdicom rejected `assoc` (_admit rejects the others), from the A-ASSOCIATE-RJ."""
         answer = assoc.acceptor.primitive
-        dicom = self.settings.dicom
         why = (answer.result_source, answer.diagnostic) if answer else None
-        if why == (1, 3):
-            return (f"calling AE title {assoc.requestor.ae_title!r} is not in dicom.allowed_calling_aets "
-                    f"({', '.join(dicom.allowed_calling_aets)}); add it there if it may send")
-        if why == (1, 7):
-            return f"called AE title is not {dicom.ae_title!r}"
         if why == (3, 2):
-            return (f"{dicom.max_associations} association(s) already open (dicom.max_associations); "
-                    "the sender may try again later")
+            return (f"{self.settings.dicom.max_connections} connections already open "
+                    "(dicom.max_connections); the sender may try again later")
         if why == (2, 1):
             return "its user identity was not accepted"
         return ("no reason given" if answer is None else
@@ -477,13 +627,37 @@ def _describe_context(cx: PresentationContext) -> str:
 
 
 def _refusal(exc: Exception, inst: ReceivedInstance) -> Refused:
-    if isinstance(exc, SeriesConflict):
-        log.warning("series %s of %s already belongs to another study", inst.series_uid,
-                    inst.sop_instance_uid)
-        return Refused(DOES_NOT_MATCH, "SeriesInstanceUID already used in another study", "conflict")
+    if isinstance(exc, UidConflict):
+        keyword = "SeriesInstanceUID" if isinstance(exc, SeriesConflict) else "SOPInstanceUID"
+        return Refused(DOES_NOT_MATCH, f"{keyword} already used in another study", "conflict")
     log.exception("could not record %s", inst.sop_instance_uid)  # the database is down, say
     return Refused(PROCESSING_FAILURE, "could not record the instance in the job store: "
                    f"{type(exc).__name__}")
+
+
+def _remove_partial(assoc: Association) -> None:
+    """The file of a C-STORE whose association ended before its last fragment (pynetdicom leaves it
+    in incoming/): removed now rather than by the sweep at the next start."""
+    message = getattr(assoc.dimse, "message", None)
+    path = getattr(message, "_data_set_path", None)
+    if path is not None and Path(path).exists():
+        data_file = getattr(message, "_data_set_file", None)
+        if data_file is not None:
+            data_file.close()
+        Path(path).unlink(missing_ok=True)
+        log.info("removed the partial dataset of an unfinished C-STORE from %s",
+                 _ae(assoc.requestor.ae_title))
+
+
+def _ae(title: str | None) -> str:
+    """An AE title from a peer, for the log: unprintable characters escaped, "?" if empty."""
+    return ascii((title or "").strip()[:16])[1:-1] or "?"
+
+
+def _short(exc: Exception, limit: int = 120) -> str:
+    """An exception about a peer's bytes, for a status or the log: one line, bounded."""
+    text = " ".join(str(exc).split())
+    return ascii(text if len(text) <= limit else text[:limit] + "...")[1:-1]
 
 
 def _status(status: int, comment: str | None = None) -> Dataset:
@@ -494,13 +668,16 @@ def _status(status: int, comment: str | None = None) -> Dataset:
     return ds
 
 
-def _read_header(path: Path) -> tuple[Dataset, dict[str, str]]:
+def _read_header(path: Path, max_inflated: int = DEFAULT_MAX_INFLATED) -> tuple[Dataset, dict[str, str]]:
     """What the store needs, stopping before the pixel data: the header with valid UIDs, less the
-    values that are not what their VR says, and those values as received, by keyword."""
+    values that are not what their VR says, and those values as received, by keyword. A deflated
+    dataset is refused if it inflates to more than `max_inflated` bytes."""
     try:
-        header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        header = _header(path, max_inflated)
+    except Refused:
+        raise
     except Exception as exc:  # untrusted bytes: whatever pydicom trips on is the sender's
-        raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from None
+        raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {_short(exc)}") from None
     for keyword in _UID_TAGS:
         try:
             value = header.get(keyword)
@@ -516,6 +693,90 @@ def _read_header(path: Path) -> tuple[Dataset, dict[str, str]]:
             invalid[keyword] = _as_received(raw)
             del header[keyword]  # recorded as absent; the file keeps it
     return header, invalid
+
+
+def _header(path: Path, max_inflated: int) -> Dataset:
+    """The header's tags, read as pydicom reads a file (skipping the values of other tags) but
+    checking that the dataset is whole: a value or pixel data cut short is refused. A deflated
+    dataset, which pydicom would inflate whole in memory, is inflated here in steps, keeping only
+    its first HEADER_BOUND bytes and refusing it past `max_inflated`."""
+    meta = read_file_meta_info(path)  # pynetdicom writes the group length: the dataset follows it
+    syntax = UID(meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian)
+    with path.open("rb") as f:
+        f.seek(132 + 12 + meta.FileMetaInformationGroupLength)  # preamble, DICM, (0002,0000), the rest
+        body: BinaryIO = f
+        size = path.stat().st_size
+        if syntax == DeflatedExplicitVRLittleEndian:
+            start = _inflated_start(f, max_inflated)
+            body, size = cast(BinaryIO, DicomBytesIO(start)), len(start)
+        implicit = syntax.is_implicit_VR
+        header = read_dataset(body, is_implicit_VR=implicit, is_little_endian=True,
+                              stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
+                              specific_tags=[Tag(keyword) for keyword in _HEADER_TAGS])
+        if syntax != DeflatedExplicitVRLittleEndian or size < HEADER_BOUND:  # a kept start ends anywhere
+            _check_whole(header, body, size, implicit)
+    header.file_meta = meta
+    return header
+
+
+def _check_whole(header: Dataset, f: BinaryIO, size: int, implicit: bool) -> None:
+    """After read_dataset: `f` is at the pixel data element, or past the last element read. A value
+    read shorter than its length, a value skipped past the end of the file, or pixel data longer
+    than what is left, was cut short."""
+    short = [elem.tag for elem in header.elements()
+             if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != 0xFFFFFFFF
+             and len(elem.value) < elem.length]
+    if short or f.tell() > size:
+        where = f" in {short[0]}" if short else ""
+        raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: it is cut short{where}")
+    head = f.read(8)
+    if len(head) < 8:
+        return  # no pixel data
+    long_form = not implicit and head[4:6] in _LONG_VRS
+    length = int.from_bytes(f.read(4), "little") if long_form else int.from_bytes(
+        head[4:8] if implicit else head[6:8], "little")
+    if length != 0xFFFFFFFF:
+        if f.tell() + length > size:
+            raise Refused(CANNOT_UNDERSTAND, f"pixel data cut short: {size - f.tell()} of {length} bytes")
+        return
+    while True:  # encapsulated: items up to the sequence delimiter
+        item = f.read(8)
+        if len(item) < 8:
+            raise Refused(CANNOT_UNDERSTAND, "encapsulated pixel data cut short (no sequence delimiter)")
+        if item[:4] == b"\xfe\xff\xdd\xe0":
+            return
+        f.seek(int.from_bytes(item[4:8], "little"), 1)
+        if item[:4] != b"\xfe\xff\x00\xe0" or f.tell() > size:
+            raise Refused(CANNOT_UNDERSTAND, "encapsulated pixel data cut short or malformed")
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+# A deflated dataset's header must lie within its first 16 MiB once inflated.
+HEADER_BOUND = 16 * 1024 * 1024
+_PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}  # float, double float, pixel data
+
+
+def _inflated_start(f, max_inflated: int) -> bytes:
+    """The first HEADER_BOUND inflated bytes of the deflate stream in `f`, having inflated the rest
+    only to count it (never more than a step in memory); Refused past `max_inflated` bytes."""
+    inflater, kept, total = zlib.decompressobj(-zlib.MAX_WBITS), bytearray(), 0
+    pending = b""
+    while True:
+        pending = pending or f.read(1 << 16)
+        if not pending:
+            return bytes(kept)
+        out = inflater.decompress(pending, 1 << 20)
+        pending = inflater.unconsumed_tail
+        total += len(out)
+        if total > max_inflated:
+            raise Refused(OUT_OF_RESOURCES, f"deflated dataset inflates to more than "
+                          f"{max_inflated // 2**20} MiB (dicom.max_inflated_mb)")
+        if len(kept) < HEADER_BOUND:
+            kept += out[:HEADER_BOUND - len(kept)]
+        if inflater.eof:
+            return bytes(kept)
 
 
 def _check_request(header: Dataset, request) -> None:
