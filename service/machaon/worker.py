@@ -11,6 +11,8 @@ reason; either way, the next job runs.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ import time
 import traceback
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import sqlalchemy.exc
@@ -49,7 +52,6 @@ from .store import (
 log = logging.getLogger("machaon.worker")
 
 
-
 class JobError(Exception):
     """A job that cannot succeed as it stands; the message is kept on the job for the operator."""
 
@@ -73,7 +75,8 @@ def claim_job(store: Store, owner: str, policy: WorkerSettings) -> tuple[int, st
             job = session.execute(
                 select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
                 .limit(1).with_for_update(skip_locked=True)).scalar_one_or_none()
-            if job is not None and _abandoned_too_often(session, job, owner, policy):
+            if job is not None and _abandoned_too_often(session, job, owner, policy,
+                                                        f"the lease of {job.lease_owner} ran out"):
                 continue  # failed: look again
             job = job or session.execute(
                 select(Job).where(Job.status == JobStatus.QUEUED,
@@ -82,7 +85,7 @@ def claim_job(store: Store, owner: str, policy: WorkerSettings) -> tuple[int, st
                 .limit(1).with_for_update(skip_locked=True)).scalar_one_or_none()
             if job is None:
                 return None
-            lease_owner = f"{owner}:{uuid.uuid4().hex[:8]}"
+            lease_owner = f"{owner}:{process_namespace()}:{uuid.uuid4().hex[:8]}"
             job.status, job.lease_owner = JobStatus.RUNNING, lease_owner
             job.lease_expires_at = now + timedelta(seconds=policy.lease)
             job.attempts += 1
@@ -90,25 +93,94 @@ def claim_job(store: Store, owner: str, policy: WorkerSettings) -> tuple[int, st
             return job.id, lease_owner
 
 
-def _abandoned_too_often(session: Session, job: Job, owner: str, policy: WorkerSettings) -> bool:
-    """A running job whose worker stopped renewing (crashed, killed or cut off): counted, and run
-    again, unless it has used its max_attempts, when it fails (True)."""
+def _abandoned_too_often(session: Session, job: Job, owner: str, policy: WorkerSettings, why: str) -> bool:
+    """A running job whose worker stopped (crashed, killed or cut off; `why` says how we know):
+    counted, and run again, unless it has used its max_attempts, when it fails (True)."""
     study_uid = session.get_one(Study, job.study_id).study_uid  # the job's lock keeps its study
     job.stops += 1
     if job.attempts >= policy.max_attempts:
         stopped = (f"the worker stopped {job.stops} times while running this job" if job.stops == job.attempts
                    else f"the worker stopped while running this job, on attempt {job.attempts} of "
                         f"{policy.max_attempts} ({job.stops} such stops in all; before: {job.error})")
-        reason = (f"{stopped} (its lease ran out): the study may be what stops it; the service log "
+        reason = (f"{stopped} ({why}): the study may be what stops it; the service log "
                   f"around those times says more, and `machaon jobs retry {job.id}` runs it again")
         _finish_failed(session, job, owner, reason, study_uid)
         log.error("job %d (%s) failed: %s", job.id, job.model, reason)
         return True
     add_event(session, owner, "job.lease_expired", study_uid, job=job.id, model=job.model,
-              previous_owner=job.lease_owner, attempt=job.attempts + 1)
-    log.warning("job %d: the lease of %s ran out; running it again (attempt %d of %d)",
-                job.id, job.lease_owner, job.attempts + 1, policy.max_attempts)
+              previous_owner=job.lease_owner, attempt=job.attempts + 1, reason=why)
+    log.warning("job %d: %s; running it again (attempt %d of %d)",
+                job.id, why, job.attempts + 1, policy.max_attempts)
     return False
+
+
+@functools.cache
+def process_namespace() -> str:
+    """A short name for this boot of this machine and this process's PID namespace, kept in lease
+    owners after "<host>:<pid>": a pid names one process only within both. Containers with the host's
+    network share its host name, not its PIDs, and cloned machines may share a name too. Without
+    /proc (not Linux) a name of this process's own: no other process's pid can be vouched for."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return uuid.uuid4().hex[:8]
+    return hashlib.sha256(f"{boot}:{pid_namespace}".encode()).hexdigest()[:8]
+
+
+def take_back_own_jobs(store: Store, owner: str, policy: WorkerSettings) -> int:
+    """Put back at once the jobs an earlier process of this host, boot and PID namespace left
+    running (a crash, kill -9), rather than when their lease runs out; each counts as a stopped run,
+    as a lease that ran out does. `owner` is this process's "<host>:<pid>"; returns how many were
+    put back. A job of another namespace (a container sharing the host's name), or from before the
+    namespace was kept in lease owners, waits for its lease."""
+    host = owner.rsplit(":", 1)[0]
+    with store.session.begin() as session:
+        jobs = session.execute(
+            select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_owner.startswith(f"{host}:"))
+            .with_for_update(skip_locked=True)).scalars().all()
+        taken = 0
+        for job in jobs:
+            pid = _pid_of(job.lease_owner or "", host)
+            if pid is None or _machaon_running(pid):
+                continue
+            why = (f"taken back without waiting for its lease: its worker {job.lease_owner}, an earlier "
+                   "process on this host, is no longer running")
+            if not _abandoned_too_often(session, job, owner, policy, why):
+                job.status, job.lease_owner, job.lease_expires_at, job.not_before = \
+                    JobStatus.QUEUED, None, None, None
+            taken += 1
+    return taken
+
+
+def _pid_of(lease_owner: str, host: str) -> int | None:
+    """The process id in a lease owner "<host>:<pid>:<namespace>:<claim>" of `host` and of our
+    namespace; None for another's."""
+    parts = lease_owner.split(":")
+    ours = len(parts) == 4 and parts[0] == host and parts[2] == process_namespace()
+    return int(parts[1]) if ours and parts[1].isdigit() else None
+
+
+def _machaon_running(pid: int) -> bool:
+    """Whether process `pid` is a machaon still running. Our own pid is an earlier process's
+    (a container's PID 1 started again: nothing is ours yet), and a pid reused by another program
+    is not machaon; where /proc cannot tell, a live process is taken to be one."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: its command line says what it is
+        pass
+    if not Path("/proc/self").exists():
+        return True
+    try:
+        return b"machaon" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:  # it ended meanwhile
+        return False
+    except OSError:
+        return True
 
 
 def _finish_failed(session: Session, job: Job, owner: str, reason: str, study_uid: str) -> None:
@@ -329,6 +401,14 @@ class Workers:
                         for i in range(threads)]
 
     def start(self) -> None:
+        """Take back the jobs an earlier process on this host left running, then start the threads."""
+        try:
+            taken = take_back_own_jobs(self.runner.store, self.runner.owner, self.runner.settings.worker)
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # their leases bring them back all the same
+            log.warning("could not look for jobs an earlier process left running: %s", exc)
+        else:
+            if taken:
+                log.warning("took back %d job(s) left running by an earlier process on this host", taken)
         for thread in self.threads:
             thread.start()
 
@@ -346,8 +426,9 @@ class Workers:
             self.woken.clear()
 
     def stop(self, hurry: threading.Event | None = None) -> None:
-        """Let running jobs finish, then stop; once `hurry` is set, leave them: their leases
-        run out and another worker, or this one started again, runs them from the start."""
+        """Let running jobs finish, then stop; once `hurry` is set, leave them: this service
+        started again on this host takes them back at once, another worker once their leases run
+        out; either runs them from the start."""
         self.stopping.set()
         self.woken.set()
         while any(t.is_alive() for t in self.threads) and not (hurry and hurry.is_set()):
@@ -355,5 +436,6 @@ class Workers:
                 thread.join(0.2)
         running = sum(t.is_alive() for t in self.threads)
         if running:
-            log.warning("leaving %d running job(s) to be taken over once their lease runs out "
-                        "(worker.lease = %.0f s)", running, self.runner.settings.worker.lease)
+            log.warning("leaving %d running job(s): this service started again on this host takes them "
+                        "back at once; another worker once their lease runs out (worker.lease = %.0f s)",
+                        running, self.runner.settings.worker.lease)

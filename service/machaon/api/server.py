@@ -7,11 +7,15 @@ import logging
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
 
 from ..config import Settings
+
+if TYPE_CHECKING:
+    from ..startup import Waiting
 
 log = logging.getLogger("machaon.api")
 
@@ -41,10 +45,15 @@ class ApiServer:
         host = self.settings.api.host
         return f"http://{f'[{host}]' if ':' in host else host}:{self.settings.api.port}"
 
-    def bind(self) -> None:
-        """Take the port now, so that a port in use stops start-up before anything is accepted."""
-        if self.socket is not None:
-            return
+    def bind(self, waiting: Waiting | None = None) -> None:
+        """Take the port now, so that a port in use stops start-up before anything is accepted; one
+        held by a process on its way out is waited for (until `waiting`'s deadline: service.startup_wait
+        after start-up began)."""
+        from ..startup import until_available
+        if self.socket is None:
+            until_available(self.settings, self._bind, waiting)
+
+    def _bind(self) -> None:
         api = self.settings.api
         where = f"{api.host}:{api.port}"
         try:
@@ -64,8 +73,8 @@ class ApiServer:
 
     def _bind_error(self, exc: OSError, where: str):
         if exc.errno == errno.EADDRINUSE:
-            return self.settings.error("api.port", f"{where} is already in use by another program "
-                                       "(choose another api.port, or api.enabled = false)")
+            return self.settings.unavailable("api.port", f"{where} is already in use by another program "
+                                             "(choose another api.port, or api.enabled = false)")
         if exc.errno in (errno.EACCES, errno.EPERM):
             return self.settings.error("api.port", f"not allowed to listen on {where} "
                                        "(ports below 1024 need CAP_NET_BIND_SERVICE)")
@@ -107,7 +116,7 @@ def serve_api(settings: Settings) -> None:
     from ..startup import open_store
     from .app import Hooks, create_app
 
-    store = open_store(settings)
+    store = open_store(settings, wait=True)
     try:
         server = ApiServer(settings, create_app(settings, store, Hooks()))
         server.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -13,13 +14,18 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import __version__
-from ..config import ConfigError, Settings, load_settings
+from ..config import ConfigError, Settings, Unavailable, load_settings
 from ..display import ELLIPSIS, Column, local_time, print_table, short_uid, table_uid, wide_flag
 from ..store import StudyStatus
 from . import operators
 
 # sysexits.h EX_CONFIG: systemd units are told not to restart on it.
 EXIT_CONFIG = 78
+# sysexits.h EX_TEMPFAIL: what start-up needs was not there in time (the database, a port still
+# held by another process); systemd restarts the service.
+EXIT_UNAVAILABLE = 75
+# The commands that run as services: their configuration file must keep its passwords to itself.
+SERVICES = ("serve", "worker", "api")
 
 out = Console(highlight=False)
 
@@ -32,12 +38,24 @@ def _fail(message: str, code: int = 1) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "models":
+        # The job store, the spool and the results hold patient data: readable by this user only.
+        # Model packages do not, and are built for the service's user to read.
+        os.umask(0o077)
     try:
+        if args.command == "doctor":  # a configuration that does not load is one of its findings
+            from ..doctor import doctor
+            return doctor(args.config, args.json, args.wide, out)
         settings = load_settings(args.config)
         _setup_logging(settings)
+        if args.command in SERVICES:
+            from ..startup import check_config_file
+            check_config_file(settings)
         return args.run(settings, args) or 0
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}", EXIT_CONFIG)
+    except Unavailable as exc:
+        return _fail(f"not available: {exc}", EXIT_UNAVAILABLE)
     except KeyboardInterrupt:
         return 130
 
@@ -52,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="machaon", description="DICOM AI batch processing node")
     parser.add_argument("--version", action="version", version=f"machaon {__version__}")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
 
     p = sub.add_parser("serve", parents=[common], help="receive studies and process them")
     p.set_defaults(run=_serve)
@@ -124,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds (default 10, or the destination's timeout)")
     p.set_defaults(run=_echo)
 
+    p = sub.add_parser("doctor", parents=[common, json_flag, wide],
+                       help="check the configuration, job store, spool, TLS files, models and destinations")
+
     operators.add_commands(sub, studies, common, json_flag)
     return parser
 
@@ -146,6 +167,8 @@ def _setup_logging(settings: Settings) -> None:
     quiet = logging.DEBUG if level == logging.DEBUG else logging.WARNING
     for noisy in ("pynetdicom", "apscheduler", "alembic", "highdicom"):
         logging.getLogger(noisy).setLevel(quiet)
+    # pynetdicom logs a peer's bad bytes with tracebacks: machaon's own lines say what a peer did.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == logging.DEBUG else logging.CRITICAL)
 
 
 def _serve(settings: Settings, _args) -> None:
@@ -161,8 +184,9 @@ def _worker(settings: Settings, _args) -> None:
 def _db_upgrade(settings: Settings, _args) -> None:
     import sqlalchemy.exc
 
+    from ..startup import database_problem, database_url
     from ..store import instances_without_facts, make_engine, upgrade
-    engine = make_engine(settings.database.url)
+    engine = make_engine(database_url(settings).render_as_string(hide_password=False))
     recorded, unreadable = 0, list[str]()
     try:
         before, after = upgrade(engine)
@@ -176,7 +200,7 @@ def _db_upgrade(settings: Settings, _args) -> None:
                                      "the job store has instances kept there: is this their spool?")
             recorded, unreadable = record_missing_facts(engine, Spool(settings.spool.path))
     except sqlalchemy.exc.OperationalError as exc:
-        raise settings.error("database.url", f"cannot use the database: {exc.orig}") from None
+        raise database_problem(settings, exc) from None
     finally:
         engine.dispose()
     if before == after:
