@@ -13,6 +13,7 @@ import pytest
 from machaon.config import Settings
 from machaon.dispatch import Dispatcher
 from machaon.senders import TYPES, sender_for
+from machaon.senders.dicom import DicomClient
 from machaon.spool import Spool
 from machaon.store import (
     Delivery,
@@ -168,8 +169,9 @@ def test_a_pacs_that_never_answers_does_not_hold_up_the_other_destinations(store
     assert started["hung"].result(timeout=60) == 0
     for delivery in deliveries(store, "hung"):
         assert delivery.status == "pending" and delivery.attempts == 1  # tried once, by one thread
-        assert delivery.last_error == (f"HUNG@127.0.0.1:{silent_peer}: association failed: no answer to the "
-                                       "association request within 2 s")
+        assert delivery.last_error == (f"HUNG@127.0.0.1:{silent_peer}: association failed: timed out: no answer "
+                                       "to the association request within 2 s (the node took the connection: is "
+                                       "it hung or overloaded?)")
     # The folder's results were recorded as sent before the hung PACS gave up.
     assert max(e.id for e in events(store, "result.sent")) < min(e.id for e in events(store, "result.send_failed"))
 
@@ -203,14 +205,15 @@ def stalled_pacs():
 
 def test_a_pacs_that_stops_reading_mid_transfer_fails_within_the_timeout(store, spool, stalled_pacs):
     # 32 MB: more than the connection's buffers hold, so the send blocks once the peer stops reading.
-    results_for(store, spool, "stalled", count=1, size=4096)
+    [ds] = results_for(store, spool, "stalled", count=1, size=4096)
     config = settings(stalled={"type": "dicom", "ae_title": "STALL", "host": "127.0.0.1", "port": stalled_pacs,
                                "timeout": 2})
     started = Dispatcher(config, store, spool).run()
     assert started["stalled"].result(timeout=60) == 0
     [delivery] = deliveries(store, "stalled")
     assert delivery.status == "pending" and delivery.attempts == 1
-    assert delivery.last_error.startswith(f"STALL@127.0.0.1:{stalled_pacs}: "), delivery.last_error
+    assert delivery.last_error == (f"STALL@127.0.0.1:{stalled_pacs}: C-STORE of {ds.SOPInstanceUID} timed out: "
+                                   "no answer within 2 s"), delivery.last_error
 
 
 def test_stopping_waits_for_the_sends_in_flight_and_starts_no_more(store, spool, silent_peer):
@@ -267,3 +270,37 @@ def test_echo_calls_a_configured_destination_as_the_dispatcher_would(tmp_path):
     echo = run_machaon("echo", "pacs", "--timeout", "2", config=config)
     assert echo.returncode == 1
     assert f"PACS@127.0.0.1:{port}: association failed: could not be reached (Connection refused)" in echo.stderr
+
+
+def test_a_send_stuck_past_the_stop_deadline_is_left_pending_and_does_not_hold_the_process(store, spool,
+                                                                                            silent_peer):
+    results_for(store, spool, "hung")
+    config = settings(hung={"type": "dicom", "ae_title": "HUNG", "host": "127.0.0.1", "port": silent_peer,
+                            "timeout": 600})
+    dispatcher, before = Dispatcher(config, store, spool), set(threading.enumerate())
+    started = dispatcher.run()
+    assert dispatcher.stop(timeout=1) == ["hung"]  # abandoned at the deadline
+    assert not started["hung"].done()
+    for delivery in deliveries(store, "hung"):  # neither sent nor failed: sent again at the next start
+        assert (delivery.status, delivery.attempts, delivery.last_error) == ("pending", 0, None)
+    # pynetdicom's connection threads are not daemons: one left waiting for the hung node would
+    # keep the process from exiting until its timeout.
+    for _ in range(100):
+        kept = [t for t in set(threading.enumerate()) - before if not t.daemon]
+        if not kept:
+            break
+        kept[0].join(0.1)
+    assert kept == []
+    # Only those sends were abandoned: another association is made as usual.
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE("ECHO")
+    ae.add_supported_context(Verification)
+    node = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        client = DicomClient("ECHO", "127.0.0.1", node.socket.getsockname()[1], calling_ae="MACHAON", timeout=10)
+        with client.association([(Verification, None)]) as assoc:
+            assert assoc.send_c_echo().Status == 0
+    finally:
+        node.shutdown()

@@ -7,10 +7,12 @@ dropped while a PACS is down. Results carry deterministic UIDs, so even a send
 repeated after a crash (acknowledged, not yet recorded) leaves one copy.
 
 Each destination is sent to in a thread of its own, one at a time: a PACS that
-is slow or hangs holds up only its own deliveries, for at most its `timeout`
-per network operation, and the others go on. How a result is sent is its
-destination type's business (senders/); this module decides what is due, in
-what batches, and what to record.
+is slow or hangs holds up only its own deliveries, for at most its
+`connect_timeout` and `timeout` per network operation, and the others go on.
+Stopping waits for the sends in flight up to a deadline and then abandons
+them: their deliveries stay pending and are sent again at the next start. How
+a result is sent is its destination type's business (senders/); this module
+decides what is due, in what batches, and what to record.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from . import metrics
 from .config import DispatchSettings, Settings
-from .senders import Destination, Outgoing, SendError, sender_for
+from .senders import Destination, Outgoing, SendError, abandon_sends, sender_for
 from .spool import Spool
 from .store import (
     Delivery,
@@ -62,7 +64,9 @@ class Dispatcher:
         self.settings, self.store, self.spool = settings, store, spool
         self._starting = threading.Lock()  # one round of starts at a time
         self._in_flight: dict[str, Future[int]] = {}
+        self._threads: dict[str, threading.Thread] = {}  # the thread of each destination's latest send
         self._stopping = threading.Event()
+        self._abandoned = threading.Event()  # sends still running are no longer waited for
         metrics.destinations(settings.destinations)
 
     def run(self, *, wait: bool = False) -> dict[str, Future[int]]:
@@ -80,8 +84,10 @@ class Dispatcher:
             if busy:
                 log.debug("still sending to %s: their results wait for those sends", ", ".join(sorted(busy)))
             for name, rows in _due(self.store, busy).items():
-                work = partial(_send_due, self.settings, self.store, self.spool, name, rows, self._stopping)
-                started[name] = self._in_flight[name] = _in_thread(f"dispatch {name}", work)
+                work = partial(_send_due, self.settings, self.store, self.spool, name, rows, self._stopping,
+                               self._abandoned)
+                started[name], self._threads[name] = _in_thread(f"dispatch {name}", work)
+                self._in_flight[name] = started[name]
         if wait:
             wait_for(started.values())
         return started
@@ -89,8 +95,9 @@ class Dispatcher:
     def stop(self, timeout: float, hurry: threading.Event | None = None) -> list[str]:
         """Start no more sends, and wait up to `timeout` seconds (less if `hurry` is set) for those
         in flight, which send no new batch meanwhile. Returns the destinations still being sent
-        to: their threads are left to end with the process, and what they had sent but not yet
-        recorded is sent again at the next start (the same UIDs: the PACS keeps one copy)."""
+        to: those sends are abandoned (their threads end with the process, and what they had not
+        recorded stays pending, neither sent nor failed), and sent again at the next start (the
+        same UIDs: the PACS keeps one copy)."""
         with self._starting:
             self._stopping.set()
             running = {name: send for name, send in self._in_flight.items() if not send.done()}
@@ -99,13 +106,16 @@ class Dispatcher:
             wait_for(running.values(), timeout=min(0.2, max(deadline - time.monotonic(), 0)))
             running = {name: send for name, send in running.items() if not send.done()}
         if running:
+            self._abandoned.set()
+            abandon_sends([self._threads[name] for name in running])
             log.warning("still sending to %s: not waited for; what was not recorded as sent is sent again "
                         "at the next start", ", ".join(sorted(running)))
         return sorted(running)
 
 
-def _in_thread(name: str, work: Callable[[], int]) -> Future[int]:
-    """`work()` run in a daemon thread (a hung peer must not keep the process alive), as a future."""
+def _in_thread(name: str, work: Callable[[], int]) -> tuple[Future[int], threading.Thread]:
+    """`work()` run in a daemon thread (a hung peer must not keep the process alive): its future,
+    and the thread."""
     future: Future[int] = Future()
 
     def run() -> None:
@@ -116,8 +126,9 @@ def _in_thread(name: str, work: Callable[[], int]) -> Future[int]:
             log.exception("%s stopped", name)
             future.set_exception(exc)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return future, thread
 
 
 def _due(store: Store, busy: set[str]) -> dict[str, list[Any]]:
@@ -138,7 +149,7 @@ def _due(store: Store, busy: set[str]) -> dict[str, list[Any]]:
 
 
 def _send_due(settings: Settings, store: Store, spool: Spool, name: str, rows: Sequence[Any],
-              stopping: threading.Event) -> int:
+              stopping: threading.Event, abandoned: threading.Event) -> int:
     """Send the deliveries due at one destination, batch after batch; returns how many were sent."""
     destination = settings.destinations.get(name)
     if destination is None:
@@ -149,21 +160,27 @@ def _send_due(settings: Settings, store: Store, spool: Spool, name: str, rows: S
     for i in range(0, len(rows), PER_ASSOCIATION):
         if stopping.is_set():  # shutting down: the rest are still due at the next start
             break
-        sent += _send_batch(settings, store, spool, destination, name, rows[i:i + PER_ASSOCIATION])
+        sent += _send_batch(settings, store, spool, destination, name, rows[i:i + PER_ASSOCIATION], abandoned)
     return sent
 
 
 def _send_batch(settings: Settings, store: Store, spool: Spool, destination: Destination, name: str,
-                rows: Sequence[Any]) -> int:
+                rows: Sequence[Any], abandoned: threading.Event) -> int:
     """Send one batch (one association for a DICOM peer) and record each outcome; returns how many
     were sent."""
+    def failed(failures: Sequence[Any], why: str) -> None:
+        if abandoned.is_set():  # cut off by the shutdown, not by the destination: left as they were
+            log.info("sending to %s: %d result(s) left pending at shutdown (%s)", name, len(failures), why)
+        else:
+            _retry_later(store, settings.dispatch, name, failures, why)
+
     ready: list[tuple[Any, Outgoing]] = []
     for row in rows:
         try:
             path = spool.path(row.path)
             ready.append((row, Outgoing(path, pydicom.dcmread(path))))
         except (OSError, InvalidDicomError) as exc:
-            _retry_later(store, settings.dispatch, name, [row], f"cannot read the result {row.path}: {exc}")
+            failed([row], f"cannot read the result {row.path}: {exc}")
     if not ready:
         return 0
     outcomes = sender_for(destination, settings.dicom.ae_title).send([outgoing for _, outgoing in ready])
@@ -172,7 +189,7 @@ def _send_batch(settings: Settings, store: Store, spool: Spool, destination: Des
         for row, outgoing in ready:
             error = next(outcomes)
             if error:
-                _retry_later(store, settings.dispatch, name, [row], str(error))
+                failed([row], str(error))
             else:
                 _mark_sent(store, name, row, outgoing.dataset.SOPInstanceUID)
                 sent += 1
@@ -182,7 +199,7 @@ def _send_batch(settings: Settings, store: Store, spool: Spool, destination: Des
         if not isinstance(exc, SendError):  # a bug must not stall this destination or the others
             log.exception("sending to %s failed unexpectedly", name)
             why = f"unexpected error: {exc!r} (details in the service log)"
-        _retry_later(store, settings.dispatch, name, [row for row, _ in ready[handled:]], why)
+        failed([row for row, _ in ready[handled:]], why)
     finally:
         outcomes.close()  # releases the association of a batch cut short
     return sent

@@ -18,7 +18,16 @@ from .dispatch import Dispatcher
 from .inference import OrtSessions
 from .scheduler import Scheduler, build_scheduler
 from .scp import StorageSCP
-from .startup import check_models, check_tls, open_spool, open_store, reconcile_spool, start_listener
+from .startup import (
+    Stopped,
+    Waiting,
+    check_models,
+    check_tls,
+    open_spool,
+    open_store,
+    reconcile_spool,
+    start_listener,
+)
 from .store import Store
 from .worker import Runner, Workers
 
@@ -34,8 +43,8 @@ def serve(settings: Settings, on_ready=None) -> None:
 
     `on_ready(stopping)`, if given, runs in its own thread once everything is up (the demo)."""
     until_stopped(lambda stopping, hurry: _run(settings, stopping, hurry, on_ready),
-                   f"letting transfers in flight finish (up to {settings.dicom.shutdown_grace:.0f} s; "
-                   "Ctrl-C again aborts them)")
+                   "letting transfers, jobs and sends in flight finish (up to "
+                   f"{settings.dicom.shutdown_grace:.0f} s; Ctrl-C again leaves them)")
 
 
 def work(settings: Settings) -> None:
@@ -59,6 +68,8 @@ def until_stopped(run, finishing: str) -> None:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         run(stopping, hurry)
+    except Stopped:  # while start-up waited for the database or a port: nothing was started
+        log.info("stopped before start-up ended")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -66,18 +77,19 @@ def until_stopped(run, finishing: str) -> None:
 
 
 def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, on_ready=None) -> None:
+    waiting = Waiting(settings, stopping)  # one deadline for all that start-up waits for
     check_models(settings)
     check_tls(settings)
     spool = open_spool(settings)
-    store = open_store(settings)
+    store = open_store(settings, wait=waiting)
     api = hooks = None
     try:
         # The API's port is taken before the listener's, so that either in use stops start-up
         # before any image is accepted; it answers once everything it drives is running.
         if settings.api.enabled:
-            api, hooks = _bind_api(settings, store)
+            api, hooks = _bind_api(settings, store, waiting)
         started = time.time()
-        scp = start_listener(settings, store, spool)
+        scp = start_listener(settings, store, spool, waiting)
         # Once the port is ours, no other machaon is using this spool: what
         # incoming/ held before we started was never acknowledged.
         spool.sweep_incoming(untouched_for_s=time.time() - started)
@@ -101,26 +113,43 @@ def _run(settings: Settings, stopping: threading.Event, hurry: threading.Event, 
         # The API first: nothing new is asked of the parts stopping after it.
         if api:
             api.stop()
-        # One grace period for everything in flight: transfers in, then sends out.
-        deadline = time.monotonic() + settings.dicom.shutdown_grace
-        scp.stop(settings.dicom.shutdown_grace, hurry)
-        scheduler.stop()
-        workers.stop(hurry)
-        dispatcher.stop(max(deadline - time.monotonic(), 0), hurry)
+        _stop_within(settings.dicom.shutdown_grace, hurry, scp, scheduler, workers, dispatcher)
     finally:
         if api:
             api.stop()
         store.dispose()
 
 
-def _bind_api(settings: Settings, store: Store) -> tuple[ApiServer, Hooks]:
+def _stop_within(grace: float, hurry: threading.Event, scp: StorageSCP, scheduler: Scheduler,
+                 workers: Workers, dispatcher: Dispatcher) -> None:
+    """One grace period for everything in flight, whatever the backlog: transfers in, running jobs
+    and sends out may finish until the deadline (or a second Ctrl-C); what is still running then is
+    left. A transfer left is not acknowledged, so its sender sends it again; a job left goes back
+    to the queue; a send left stays pending and goes again at the next start (the same UIDs)."""
+    deadline = time.monotonic() + grace
+    late = threading.Event()  # set at the deadline, or by a second Ctrl-C
+
+    def watch() -> None:
+        hurry.wait(grace)
+        late.set()
+    threading.Thread(target=watch, name="stop-deadline", daemon=True).start()
+    # Workers take no new job from now on, while transfers in finish beside them.
+    stopping_workers = threading.Thread(target=workers.stop, args=(late,), name="stop-workers", daemon=True)
+    stopping_workers.start()
+    scp.stop(grace, late)
+    scheduler.stop(late)
+    stopping_workers.join()  # by the deadline: workers.stop leaves running jobs once `late` is set
+    dispatcher.stop(max(deadline - time.monotonic(), 0), late)
+
+
+def _bind_api(settings: Settings, store: Store, waiting: Waiting) -> tuple[ApiServer, Hooks]:
     # Imported here: a service with api.enabled = false does without FastAPI.
     from .api.app import Hooks, create_app
     from .api.server import ApiServer
 
     hooks = Hooks()
     api = ApiServer(settings, create_app(settings, store, hooks))
-    api.bind()
+    api.bind(waiting)
     return api, hooks
 
 
@@ -145,7 +174,7 @@ def _listener_problem(settings: Settings, scp: StorageSCP) -> str | None:
         listening = False
     if not listening:
         return f"the DICOM listener on {where} has stopped"
-    busy = len(scp.ae.active_associations)
+    busy = scp.established()
     if busy >= settings.dicom.max_associations:
         return (f"all {busy} associations dicom.max_associations allows are in use: new ones are "
                 "rejected until one ends")
@@ -155,9 +184,10 @@ def _listener_problem(settings: Settings, scp: StorageSCP) -> str | None:
 def _work(settings: Settings, stopping: threading.Event, hurry: threading.Event) -> None:
     if settings.worker.threads == 0:
         raise settings.error("worker.threads", "is 0: a worker without threads would run nothing")
+    waiting = Waiting(settings, stopping)
     check_models(settings)
     spool = open_spool(settings)
-    store = open_store(settings)
+    store = open_store(settings, wait=waiting)
     try:
         runner = Runner(settings, store, spool, OrtSessions(settings.inference.runtime_options()))
         workers = Workers(runner, settings.worker.threads)

@@ -14,17 +14,19 @@ is no connection: the results not yet answered wait for the next attempt.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Annotated, Union
 
 from pydantic import Field
 
 from .base import DestinationSettings, DestinationType, Outgoing, Sender, SendError, SettingError
-from .dicom import DicomDestination, DicomSender
+from .dicom import OPEN_ASSOCIATIONS, DicomDestination, DicomSender
 from .dicomweb import DicomWebDestination, StowRsSender
 from .folder import FolderDestination, FolderSender
 
 __all__ = ["Destination", "DestinationSettings", "Outgoing", "SendError", "Sender", "SettingError", "TYPES",
-           "sender_for"]
+           "abandon_sends", "sender_for"]
 
 # Destination types by the `type` key of their table.
 TYPES: dict[str, DestinationType] = {
@@ -45,3 +47,10 @@ else:
 def sender_for(destination: Destination, calling_ae: str) -> Sender:
     """The sender of `destination`'s type, made from its settings."""
     return TYPES[destination.type].sender(destination, calling_ae=calling_ae)
+
+
+def abandon_sends(senders: Collection[threading.Thread]) -> None:
+    """At shutdown, once the sends still running in the threads `senders` are no longer waited
+    for: end what would keep the process alive after them (the connection threads of their DICOM
+    associations; HTTP requests and file copies run in the senders' own threads)."""
+    OPEN_ASSOCIATIONS.abandon(senders)
