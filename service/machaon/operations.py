@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from .completion import complete_study as mark_complete
 from .planner import matched, new_job
+from .retention import images_removed, removed_reason
 from .store import (
     ApiToken,
     Delivery,
@@ -129,6 +130,7 @@ def _study_dict(study: Study, series_count: int, instance_count: int) -> dict:
         "completed_at": iso(study.completed_at),
         "completion_count": study.completion_count,
         "planning_error": study.planning_error,
+        "files_removed_at": iso(study.files_removed_at),  # retention removed its images then
     }
 
 
@@ -240,9 +242,18 @@ def complete_study(store: Store, study_uid: str, actor: str) -> dict:
         study = _locked_study(session, study_uid)
         if study.status != StudyStatus.RECEIVING:
             raise Conflict(f"study {study_uid} is already complete; `reprocess` runs its models again")
+        _refuse_if_images_removed(session, study)
         done = mark_complete(session, study, actor, forced=True)
     return {"study_uid": study_uid, "completion_count": done.completion_count,
             "series": done.series_count, "instances": done.instance_count}
+
+
+def _refuse_if_images_removed(session: Session, study: Study) -> None:
+    """Its models cannot run again on images retention removed (the caller holds its row lock)."""
+    if study.files_removed_at and images_removed(session, study):
+        when = study.files_removed_at.strftime("%Y-%m-%d %H:%M UTC")
+        raise Conflict(f"study {study.study_uid}: its images were removed from the spool on {when} "
+                       f"({removed_reason(session, study.study_uid)}); send the study again to process it")
 
 
 def reprocess_study(store: Store, rules: list[Rule], study_uid: str, actor: str,
@@ -258,6 +269,7 @@ def reprocess_study(store: Store, rules: list[Rule], study_uid: str, actor: str,
         if study.planned_count < study.completion_count:
             raise Conflict(f"study {study_uid} has just completed and its jobs are being planned: "
                            "look at its jobs in a few seconds before reprocessing it")
+        _refuse_if_images_removed(session, study)
         planned, problems, _ = matched(session, rules, study.id, study_uid)
         if model:
             planned = [p for p in planned if p[2] == model]
@@ -383,6 +395,9 @@ def retry_jobs(store: Store, ids: Iterable[int], actor: str) -> dict:
         jobs = _locked_jobs(session, ids)
         _refuse_unless(jobs, RETRYABLE, "retry",
                        "`machaon studies reprocess UID` runs a study's models again.")
+        for study in session.execute(select(Study).where(Study.id.in_({j.study_id for j in jobs}))
+                                     .with_for_update()).scalars():
+            _refuse_if_images_removed(session, study)
         _queue_again(session, jobs, actor)
     return {"retried": [j.id for j in jobs]}
 

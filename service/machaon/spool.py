@@ -4,19 +4,25 @@ Layout under the spool folder:
     incoming/                          transfers in progress (temporary names)
     studies/<study>/<series>/<sop>.dcm  kept instances, each as received
     quarantine/<study>/<series>/<sop>.dcm  files found without a row that cannot be read
+    results/<study>/<series>/<sop>.dcm     results made from them
 
 A file appears under studies/ only whole: it is written under incoming/,
 fsync'd, renamed into place (atomic on one file system) and its folder fsync'd.
+Retention (retention.py chooses the studies) removes the files of finished
+studies here, each under the lock its instance is kept under.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +46,11 @@ class Spool:
         self.incoming = self.root / "incoming"
         self.studies = self.root / "studies"
         self.quarantined = self.root / "quarantine"
+        self.results = self.root / "results"
         self.min_free_bytes = min_free_mb * 1024 * 1024
+        # Keeping a copy of one SOP Instance (its rename and its row) and removing its file must
+        # not interleave; striped locks keep that cheap.
+        self._instance_locks = [threading.Lock() for _ in range(64)]
 
     def prepare(self) -> None:
         """Create the folders and prove we can write durably there."""
@@ -82,7 +92,13 @@ class Spool:
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
-        os.replace(temporary, final)
+        try:
+            os.replace(temporary, final)
+        except FileNotFoundError:
+            if not temporary.exists():
+                raise
+            _make_dirs_durably(final.parent)  # retention removed the emptied folder meanwhile
+            os.replace(temporary, final)
         _fsync_dir(final.parent)
         return size
 
@@ -110,12 +126,48 @@ class Spool:
         except OSError as exc:
             log.warning("could not remove the replaced copy %s: %s", relative, exc.strerror)
 
+    def instance_lock(self, sop_instance_uid: str) -> threading.Lock:
+        """Held while a copy of the instance is kept and recorded, and while retention removes it."""
+        return self._instance_locks[zlib.crc32(sop_instance_uid.encode()) % len(self._instance_locks)]
+
+    def remove_kept(self, relative: str) -> int:
+        """Remove a file of a study retention let go; returns its size (0 if it was gone)."""
+        path = self.root / relative
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:  # it stays; the others go on
+            log.warning("could not remove %s: %s", relative, exc.strerror)
+            return 0
+        return size
+
+    def remove_empty_folders(self, study_uid: str) -> None:
+        """Remove the study's folders under studies/ and results/ that retention left empty
+        (deepest first); a folder a new file went into meanwhile stays."""
+        for top in (self.studies / study_uid, self.results / study_uid):
+            if not top.is_dir():
+                continue
+            for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(Path(entry[0]).parts)):
+                try:
+                    os.rmdir(folder)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # not empty (a new file), or not ours to remove: it stays
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        log.warning("could not remove the folder %s: %s", folder, exc.strerror)
+            _fsync_dir(top.parent)
+
     def study_files(self) -> Iterator[tuple[str, list[str]]]:
         """(study folder name, relative paths of its files) for each study folder in the spool."""
         for study in sorted(self.studies.iterdir()):
             if study.is_dir():
-                files = (p for p in study.rglob("*") if p.is_file())
-                yield study.name, sorted(str(p.relative_to(self.root)) for p in files)
+                try:
+                    files = sorted(str(p.relative_to(self.root)) for p in study.rglob("*") if p.is_file())
+                except FileNotFoundError:  # retention removed its folders meanwhile
+                    continue
+                yield study.name, files
 
     def quarantine(self, relative: str) -> str:
         """Move a kept file out of studies/ into quarantine/, keeping its place below; returns
